@@ -1,0 +1,226 @@
+"""
+Checkpoint interop: open_clip and the official CoM-PT model zoo in, open_clip `local-dir` folders out.
+
+vit.CLIP has open_clip's state-dict keys and shapes (tests/test_openclip_parity.py), so moving weights between the
+two is a matter of file layout, never of key surgery on the model. This file holds that layout:
+
+import, `load_state_dict_any(path) -> (state_dict, cfg)`, reads with torch.load(weights_only=True)
+  - a bare state dict (the official CoM-PT zoo files, converted by hand from DDP runs, keep `module.` keys);
+  - a training dict with "state_dict" (open_clip and the official CoM-PT code: epoch, name, state_dict,
+    optimizer[, scaler]) or "model" (this repo's checkpoint.pt, whose "config" is then used and checked);
+  - an open_clip local-dir folder (open_clip_config.json + open_clip_pytorch_model.bin), e.g. our own export;
+  leading `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes are dropped, in any combination.
+  Without a stored config, the config is inferred from the tensor shapes: tower widths and depths, patch size,
+  image size (from the number of positions), context length, vocabulary, embed dim. The towers must be one of
+  vit.SIZES (a clear error otherwise); the data-dependent fields (image size, patch, context, vocabulary) and the
+  embed dim are taken from the weights as they are. Two things the weights do not hold are assumed: heads
+  (width / 64, as everywhere in the family) and the tokenizer (by vocabulary size: 49408 -> "clip-bpe", 259 -> "byte").
+
+export, `export_open_clip(model, cfg, out_dir)`, writes what open_clip's `local-dir:` loader looks for:
+  open_clip_config.json with "model_cfg" (embed_dim, vision_cfg, text_cfg: open_clip's CLIP with its defaults,
+  which are vit.CLIP's semantics) and "preprocess_cfg" (CLIP mean/std, bicubic, resize shortest side + center
+  crop), and open_clip_pytorch_model.bin (the bare state dict). Then, with no conversion,
+      model, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + out_dir)
+  and `clip_benchmark eval --model local-dir:OUT_DIR ...` load it. open_clip's loader takes the first *.safetensors,
+  *.bin or *.pth it finds, so give the export a folder of its own. Our CLIPConfig is kept beside open_clip's keys
+  (under "clip_config"; open_clip ignores it) so that the folder loads back here exactly.
+
+Tokenizer: open_clip (and so CLIP_benchmark) tokenizes with OpenAI's CLIP BPE. Only a model trained with
+tokenizer "clip-bpe" works end to end there; a model trained with the byte tokenizer loads in open_clip and its
+image tower is usable, but its text tower needs this repo's tokenizer.py ("tokenizer" in "clip_config" says which).
+"""
+
+import json
+import os
+import re
+
+import torch
+import torch.nn as nn
+
+import vit
+from data import MEAN, STD
+
+WEIGHTS_FILE = "open_clip_pytorch_model.bin"  # first in open_clip's preferred order for .bin files
+CONFIG_FILE = "open_clip_config.json"
+TOKENIZER_BY_VOCAB = {49408: "clip-bpe", 259: "byte"}  # vocabulary sizes of tokenizer.py's tokenizers
+WRAPPER_PREFIX = re.compile(r"^(?:module\.|_orig_mod\.)+")  # DDP and torch.compile wrappers, nested either way
+
+
+def strip_prefixes(state_dict):
+    """The state dict with leading `module.` / `_orig_mod.` wrapper prefixes removed from every key."""
+    return {WRAPPER_PREFIX.sub("", k): v for k, v in state_dict.items()}
+
+
+def size_of(cfg):
+    """The registered size whose tower shapes and head counts `cfg` has, or None."""
+    shape = dict(vision_width=cfg.vision_width, vision_layers=cfg.vision_layers,
+                 text_width=cfg.text_width, text_layers=cfg.text_layers)
+    for name, towers in vit.SIZES.items():
+        ref = vit.config(name)
+        if towers == shape and (cfg.vision_heads, cfg.text_heads, cfg.mlp_ratio) == \
+                (ref.vision_heads, ref.text_heads, ref.mlp_ratio):
+            return name
+    return None
+
+
+# -----------------------------------------------------------------------------
+# import
+
+
+def infer_config(state_dict, source="state dict"):
+    """The CLIPConfig of a state dict with open_clip key names (prefixes already stripped), from its tensor shapes.
+    Raises ValueError (naming `source`) when it is not a CLIP of this family."""
+    for key in ("visual.conv1.weight", "visual.positional_embedding", "visual.proj", "token_embedding.weight",
+                "positional_embedding", "text_projection", "visual.transformer.resblocks.0.mlp.c_fc.weight",
+                "transformer.resblocks.0.mlp.c_fc.weight"):
+        if key not in state_dict:
+            raise ValueError(f"{source}: no {key!r}, so it is not a CLIP state dict with open_clip key names "
+                             "(a ViT image tower and a transformer text tower)")
+    sd = state_dict
+
+    def depth(prefix):  # number of blocks under prefix
+        found = {int(m.group(1)) for k in sd if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
+        return max(found) + 1
+
+    vision_width, _, patch_size, _ = sd["visual.conv1.weight"].shape  # (w, 3, p, p)
+    positions = sd["visual.positional_embedding"].shape[0] - 1  # grid * grid patches (+ the class token)
+    grid = round(positions ** 0.5)
+    if grid * grid != positions:
+        raise ValueError(f"{source}: {positions} image positions do not form a square grid")
+    vocab_size, text_width = sd["token_embedding.weight"].shape
+    ratios = {sd[k].shape[0] // sd[k].shape[1] for k in ("visual.transformer.resblocks.0.mlp.c_fc.weight",
+                                                         "transformer.resblocks.0.mlp.c_fc.weight")}
+    if len(ratios) != 1:
+        raise ValueError(f"{source}: the two towers have different MLP ratios {sorted(ratios)}; vit.CLIP has one")
+    if vocab_size not in TOKENIZER_BY_VOCAB:
+        raise ValueError(f"{source}: a vocabulary of {vocab_size} tokens matches no tokenizer of this repo "
+                         f"({', '.join(f'{n}: {v}' for v, n in TOKENIZER_BY_VOCAB.items())})")
+    cfg = vit.CLIPConfig(
+        embed_dim=sd["visual.proj"].shape[1], image_size=grid * patch_size, patch_size=patch_size,
+        vision_width=vision_width, vision_layers=depth("visual.transformer.resblocks."),
+        vision_heads=max(1, vision_width // vit.HEAD_DIM),
+        text_width=text_width, text_layers=depth("transformer.resblocks."),
+        text_heads=max(1, text_width // vit.HEAD_DIM),
+        context_length=sd["positional_embedding"].shape[0], vocab_size=vocab_size, mlp_ratio=ratios.pop(),
+        tokenizer=TOKENIZER_BY_VOCAB[vocab_size],
+    )
+    if size_of(cfg) is None:
+        sizes = ", ".join(f"{n} ({s['vision_width']}/{s['vision_layers']}, {s['text_width']}/{s['text_layers']})"
+                          for n, s in vit.SIZES.items())
+        raise ValueError(f"{source}: image tower {cfg.vision_width} wide x {cfg.vision_layers} layers, text tower "
+                         f"{cfg.text_width} x {cfg.text_layers}, MLP ratio {cfg.mlp_ratio} is no registered size; "
+                         f"registered (image/text width/layers, MLP ratio 4): {sizes}")
+    return cfg
+
+
+def check_matches(state_dict, cfg, source="state dict"):
+    """Raise ValueError unless the state dict has exactly vit.CLIP(cfg)'s keys and shapes."""
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in vit.CLIP(cfg).state_dict().items()}
+    missing, unexpected = sorted(set(expected) - set(state_dict)), sorted(set(state_dict) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state_dict) if state_dict[k].shape != expected[k])
+    if missing or unexpected or wrong:
+        parts = [f"{what} {keys[:3]}{' ...' if len(keys) > 3 else ''}" for what, keys in
+                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+        raise ValueError(f"{source} does not match its config ({'; '.join(parts)})")
+
+
+def _torch_load(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch reports both cases below as UnpicklingError (or worse), told apart by the message
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:
+            raise ValueError(f"{path}: holds a {found.group(1)} object, which torch.load(weights_only=True) refuses; "
+                             "load it where it was written and save its model.state_dict() alone") from None
+        raise ValueError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:100]})") from None
+
+
+def load_state_dict_any(path):
+    """(state_dict, cfg) from an open_clip / official CoM-PT checkpoint, this repo's checkpoint.pt, or an open_clip
+    local-dir folder (see the file docstring). Keys are vit.CLIP's; tensors are on the CPU, as stored."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} not found; give a .pt/.bin file or an open_clip local-dir folder")
+    stored_cfg = None
+    if os.path.isdir(path):
+        config_path, weights_path = os.path.join(path, CONFIG_FILE), os.path.join(path, WEIGHTS_FILE)
+        if not (os.path.isfile(config_path) and os.path.isfile(weights_path)):
+            raise FileNotFoundError(f"{path} is a folder but not an open_clip local-dir of ours: it needs "
+                                    f"{CONFIG_FILE} and {WEIGHTS_FILE}")
+        with open(config_path) as f:
+            stored_cfg = json.load(f).get("clip_config")
+        obj = _torch_load(weights_path)
+    else:
+        obj = _torch_load(path)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: holds a {type(obj).__name__}, not a state dict or a training dict")
+    if not all(isinstance(v, torch.Tensor) for v in obj.values()):  # a training dict: find the weights
+        key = next((k for k in ("state_dict", "model") if isinstance(obj.get(k), dict)), None)
+        if key is None:
+            raise ValueError(f"{path}: a dict without 'state_dict' or 'model' weights (top-level keys: "
+                             f"{sorted(map(str, obj))[:8]}); expected a state dict or a training checkpoint")
+        stored_cfg = obj.get("config") if isinstance(obj.get("config"), dict) else stored_cfg
+        obj = obj[key]
+    state_dict = strip_prefixes(obj)
+    if stored_cfg is None:
+        cfg = infer_config(state_dict, path)
+    else:
+        try:
+            cfg = vit.CLIPConfig.from_dict(stored_cfg)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: its stored config is not a CLIPConfig ({e})") from None
+    check_matches(state_dict, cfg, path)
+    return state_dict, cfg
+
+
+def load_model(path, device="cpu"):
+    """vit.CLIP built from the checkpoint's (stored or inferred) config, weights loaded with strict=True."""
+    state_dict, cfg = load_state_dict_any(path)
+    model = vit.CLIP(cfg)
+    model.load_state_dict(state_dict, strict=True)
+    return model.to(device)
+
+
+# -----------------------------------------------------------------------------
+# export
+
+
+def open_clip_config(cfg):
+    """The content of open_clip_config.json for a model of config `cfg` (open_clip's CLIP, default options)."""
+    model_cfg = {
+        "embed_dim": cfg.embed_dim,
+        "quick_gelu": False,
+        "vision_cfg": {"image_size": cfg.image_size, "patch_size": cfg.patch_size, "width": cfg.vision_width,
+                       "layers": cfg.vision_layers, "head_width": cfg.vision_width // cfg.vision_heads,
+                       "mlp_ratio": cfg.mlp_ratio},
+        "text_cfg": {"context_length": cfg.context_length, "vocab_size": cfg.vocab_size, "width": cfg.text_width,
+                     "heads": cfg.text_heads, "layers": cfg.text_layers, "mlp_ratio": cfg.mlp_ratio},
+    }
+    preprocess_cfg = {"size": cfg.image_size, "mode": "RGB", "mean": list(MEAN), "std": list(STD),
+                      "interpolation": "bicubic", "resize_mode": "shortest", "fill_color": 0}
+    return {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg, "clip_config": cfg.to_dict()}
+
+
+def _write_text(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _atomic_write(path, write):
+    tmp = path + ".tmp"  # not *.bin: open_clip's loader never picks a half-written file
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def export_open_clip(model, cfg, out_dir):
+    """Write an open_clip local-dir for `model` (a vit.CLIP, possibly DDP- or compile-wrapped, or its state dict)
+    into out_dir: open_clip_config.json and open_clip_pytorch_model.bin. Returns out_dir."""
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    state = {k: v.detach().cpu() for k, v in strip_prefixes(state).items()}
+    check_matches(state, cfg, f"export to {out_dir}")
+    os.makedirs(out_dir, exist_ok=True)
+    _atomic_write(os.path.join(out_dir, WEIGHTS_FILE), lambda p: torch.save(state, p))
+    config_text = json.dumps(open_clip_config(cfg), indent=2)
+    _atomic_write(os.path.join(out_dir, CONFIG_FILE), lambda p: _write_text(p, config_text))
+    return out_dir
