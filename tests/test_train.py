@@ -1,0 +1,246 @@
+"""Tests of train.py: optimizer groups, schedule, clamp, gradients, metrics, end-to-end run, exact resume, NaN stop."""
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+import data
+import train
+import vit
+from distill import FeatureDistill
+
+TINY = dict(image_size=32, patch_size=16, context_length=16, vocab_size=259, tokenizer="byte")
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return vit.CLIP(vit.config("cpu-tiny", **{**TINY, **overrides}))
+
+
+def tiny_settings(**overrides):
+    return train.Settings(**{**dict(steps=4, batch_size=8, warmup=2, lr=1e-3, num_samples=64, device="cpu",
+                                    save_every=2, log_every=1), **overrides})
+
+
+def batch(cfg, n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, cfg.image_size, cfg.image_size, generator=g)
+    tokens = data.tokenize([f"caption number {i}" for i in range(n)], cfg.context_length)
+    return images, tokens
+
+
+# -----------------------------------------------------------------------------
+# optimisation
+
+
+def test_every_parameter_gets_a_gradient_and_the_teacher_none():
+    student, teacher = tiny_model(0, embed_dim=32), tiny_model(1)
+    distill = FeatureDistill(32, teacher.cfg.embed_dim)  # different dims: a trained projector
+    objective = train.Objective(student, distill)
+    images, tokens = batch(student.cfg)
+    with torch.no_grad():
+        t_feats = (teacher.encode_image(images), teacher.encode_text(tokens))
+    losses = objective(images, tokens, t_feats)
+    assert set(losses) == {"clip_loss", "fd_loss"}
+    sum(losses.values()).backward()
+    for name, p in objective.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0 and torch.isfinite(p.grad).all(), name
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_param_groups_follow_open_clip():
+    model = tiny_model()
+    distill = FeatureDistill(512, 256)
+    groups = train.param_groups(model, 0.1, distill)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {names[id(p)] for p in groups[0]["params"]}
+    no_decay = {names[id(p)] for p in groups[1]["params"]}
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0, 0.1]
+    assert decay | no_decay == set(names.values()) and not decay & no_decay
+    assert [id(p) for p in groups[2]["params"]] == [id(p) for p in distill.parameters()]
+    # independent restatement: matrices decay, except nothing; gains, biases, class token and logit_scale do not
+    for n in ("visual.conv1.weight", "visual.positional_embedding", "visual.proj", "token_embedding.weight",
+              "positional_embedding", "text_projection", "transformer.resblocks.0.attn.in_proj_weight",
+              "visual.transformer.resblocks.1.mlp.c_fc.weight", "transformer.resblocks.1.attn.out_proj.weight"):
+        assert n in decay, n
+    for n in ("visual.class_embedding", "logit_scale", "visual.ln_pre.weight", "visual.ln_post.bias", "ln_final.weight",
+              "transformer.resblocks.0.ln_1.weight", "transformer.resblocks.0.attn.in_proj_bias",
+              "visual.transformer.resblocks.0.mlp.c_proj.bias"):
+        assert n in no_decay, n
+    assert len(train.param_groups(model, 0.1, FeatureDistill(512, 512))) == 2  # identity projector: no group
+
+
+def test_lr_schedule_is_open_clips_warmup_and_cosine():
+    total, warmup, lr = 100, 10, 2.0
+    got = [train.lr_at(s, total, warmup, lr) for s in range(total)]
+    assert got[:10] == pytest.approx([lr * (s + 1) / warmup for s in range(10)])
+    assert got[10] == pytest.approx(lr)  # cosine starts at the peak
+    assert got[55] == pytest.approx(lr / 2)  # halfway through the decay
+    assert got[99] == pytest.approx(0.5 * (1 + math.cos(math.pi * 89 / 90)) * lr)
+    assert all(a >= b for a, b in zip(got[10:], got[11:]))
+
+
+@pytest.mark.parametrize("start,expected", [(10.0, math.log(100)), (-1.0, 0.0)])
+def test_logit_scale_is_clamped_after_each_step(start, expected):
+    model = tiny_model()
+    with torch.no_grad():
+        model.logit_scale.fill_(start)
+    objective = train.Objective(model)
+    optimizer = train.make_optimizer(model, tiny_settings(), torch.device("cpu"))
+    images, tokens = batch(model.cfg)
+    train.train_step(objective, optimizer, images, tokens, 1e-4, 1.0, train.autocast(torch.device("cpu")))
+    assert model.logit_scale.item() == pytest.approx(expected)
+
+
+def test_several_captions_per_image_keep_their_slots():
+    model = tiny_model()
+    images, tokens = batch(model.cfg, n=6)
+    tokens = tokens.view(3, 2, -1)  # 3 images x 2 captions
+    assert torch.allclose(train.encode_text(model, tokens)[1, 0], model.encode_text(tokens[1])[0], atol=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# evaluation metrics
+
+
+def test_metrics_on_perfect_features_are_one():
+    feats = torch.eye(12)
+    labels = torch.arange(12)
+    assert train.zeroshot_accuracy(feats, labels, feats) == {1: 1.0, 5: 1.0}
+    recall = train.retrieval_recall(feats, feats, torch.arange(12))
+    assert all(v == 1.0 for v in recall.values()) and len(recall) == 6
+
+
+def test_metrics_on_a_permutation():
+    # image i is most similar to caption perm[i]; only the fixed points of perm are right at rank 1
+    perm = torch.tensor([0, 2, 1, 3, 5, 4])
+    images, texts = torch.eye(6), torch.eye(6)[perm.argsort()]  # texts[perm[i]] = e_i
+    r = train.retrieval_recall(images, texts, torch.arange(6))
+    assert r["i2t_R@1"] == r["t2i_R@1"] == pytest.approx(2 / 6)
+    acc = train.zeroshot_accuracy(images, perm, torch.eye(6))
+    assert acc[1] == pytest.approx(2 / 6)
+
+
+def test_metrics_match_a_brute_force_reference():
+    g = torch.Generator().manual_seed(0)
+    norm = lambda x: x / x.norm(dim=-1, keepdim=True)
+    images, texts = norm(torch.randn(20, 8, generator=g)), norm(torch.randn(50, 8, generator=g))
+    text_image = torch.randint(20, (50,), generator=g)
+    r = train.retrieval_recall(images, texts, text_image)
+    sim = images @ texts.T
+    for k in (1, 5, 10):
+        i2t = [any(text_image[j] == i for j in sim[i].argsort(descending=True)[:k]) for i in range(20)]
+        t2i = [text_image[j] in sim[:, j].argsort(descending=True)[:k] for j in range(50)]
+        assert r[f"i2t_R@{k}"] == pytest.approx(sum(i2t) / 20) and r[f"t2i_R@{k}"] == pytest.approx(sum(t2i) / 50)
+    classes, labels = texts[:7], text_image % 7
+    acc = train.zeroshot_accuracy(images[text_image], labels, classes)
+    logits = images[text_image] @ classes.T
+    for k in (1, 5):
+        assert acc[k] == pytest.approx(sum(labels[i] in logits[i].argsort(descending=True)[:k]
+                                           for i in range(50)) / 50)
+
+
+# -----------------------------------------------------------------------------
+# end to end: run, checkpoint, resume, NaN stop, command-line errors
+
+
+def test_tiny_run_writes_checkpoint_metrics_and_config(tmp_path):
+    model = tiny_model()
+    metrics = train.train(model, tiny_settings(), str(tmp_path))
+    assert metrics["step"] == 4 and metrics["samples_seen"] == 32
+    assert {"zeroshot_top1", "zeroshot_top5", "i2t_R@1", "t2i_R@10"} <= set(metrics)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 4 and ckpt["config"] == model.cfg.to_dict() and ckpt["distill"] is None
+    assert all(torch.equal(ckpt["model"][k], v) for k, v in model.state_dict().items())
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert records[-1]["zeroshot_top1"] == metrics["zeroshot_top1"]
+    config = json.load(open(tmp_path / "config.json"))
+    assert config["model"] == model.cfg.to_dict() and config["settings"]["steps"] == 4 and config["git"]
+    assert not os.path.exists(tmp_path / "checkpoint.pt.tmp")
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_after(monkeypatch, n_batches):
+    """Make the next train() fail like a killed process after n_batches batches."""
+    build = data.build_train_data
+
+    def build_interrupted(*args, **kwargs):
+        train_data, batches = build(*args, **kwargs), 0
+
+        def batches_then_stop(epoch, start_step=0):
+            nonlocal batches
+            for b in real_batches(epoch, start_step):
+                if batches == n_batches:
+                    raise Interrupt
+                batches += 1
+                yield b
+        real_batches, train_data.batches = train_data.batches, batches_then_stop
+        return train_data
+    monkeypatch.setattr(train.data, "build_train_data", build_interrupted)
+
+
+def test_resume_is_exact(tmp_path, monkeypatch):
+    # with a teacher and a trained projector, and across an epoch boundary (64 samples / batch 8 = 8 steps)
+    settings = tiny_settings(steps=10, save_every=3, num_samples=64, eval_every=0)
+
+    def run(out):
+        student, teacher = tiny_model(0, embed_dim=32), tiny_model(1)
+        distill = FeatureDistill(32, 512)
+        train.train(student, settings, str(out), teacher=teacher, distill=distill)
+        return student, distill
+
+    straight, straight_fd = run(tmp_path / "a")
+    interrupt_after(monkeypatch, 7)
+    with pytest.raises(Interrupt):
+        run(tmp_path / "b")
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 6
+    monkeypatch.undo()
+    resumed, resumed_fd = run(tmp_path / "b")
+    for a, b in ((straight, resumed), (straight_fd, resumed_fd)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    losses = lambda out: [json.loads(line)["loss"] for line in open(out / "metrics.jsonl") if "loss" in line]
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")  # one record per step, replayed steps not doubled
+
+
+class NaNAt(nn.Module):
+    """A distillation loss that turns NaN at its n-th call."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.n, self.calls = n, 0
+
+    def forward(self, s_img, s_txt, t_img, t_txt):
+        self.calls += 1
+        return (s_img.sum() + s_txt.sum()) * (float("nan") if self.calls == self.n else 0.0)
+
+
+def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path):
+    model = tiny_model()
+    with pytest.raises(FloatingPointError, match="step 5"):
+        train.train(model, tiny_settings(steps=8), str(tmp_path), teacher=tiny_model(1), distill=NaNAt(5))
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+@pytest.mark.parametrize("argv,culprit", [
+    (["--size", "huge"], "cpu-tiny"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--steps", "-3"], "--steps"),
+    (["--lr", "0"], "--lr"),
+    (["--data", "/nonexistent/train.csv"], "/nonexistent/train.csv"),
+    (["--resume", "/nonexistent/ckpt.pt"], "/nonexistent/ckpt.pt"),
+])
+def test_bad_input_is_one_line_before_any_work(argv, culprit, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(argv + ["--out", str(tmp_path / "run"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and culprit in err and err.count("\n") == 1
+    assert not os.path.exists(tmp_path / "run" / "checkpoint.pt")

@@ -1,0 +1,468 @@
+"""
+Train one CLIP model, optionally pulled towards a teacher by feature distillation; evaluate, checkpoint, resume.
+
+CoM-PT (Fan et al., CVPR 2026, arXiv 2604.12391) trains a chain of CLIP models and every stage of the chain is one
+call of `train`: the smallest model from scratch with the CLIP loss, each larger one (grown from its predecessor by
+grow.py) with the CLIP loss plus feature distillation towards the predecessor (paper Sec. 3; distill.py). The teacher
+runs in eval mode under no_grad on the same augmented batch; the distillation module's projector is trained with the
+student and saved in its checkpoint.
+
+The recipe is open_clip's (notes/clip_ecosystem.md §1.2): AdamW with betas (0.9, 0.98) and eps 1e-6, no weight decay
+on gains, biases and logit_scale; lr warmup lr*(step+1)/warmup then cosine to 0; logit scale clamped to [0, ln 100]
+after every step; bf16 autocast on CUDA, fp32 elsewhere (norms, logits and losses always in fp32).
+Evaluation (§1.5): zero-shot top-1/top-5 (a class embedding is the mean of its normalised template embeddings,
+renormalised) and image<->text retrieval R@1/5/10 (a hit when any positive is among the top k).
+
+Output folder: checkpoint.pt (a plain dict read with torch.load(weights_only=True): model state dict and config,
+optimizer, distillation head, step, RNG state; written atomically), metrics.jsonl, config.json (settings, model
+config, git hash). A run resumes from out/checkpoint.pt when it exists; resume is exact (bit-identical on CPU).
+
+Deviations from open_clip's trainer: resume at step rather than epoch granularity; grad-norm clipping on by default;
+the distillation projector is saved with the student (the official CoM-PT code leaves it out).
+
+    python train.py --size cpu-tiny --data synthetic          # a few minutes on a laptop CPU
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import vit
+from clip_loss import clip_loss
+
+
+@dataclass
+class Settings:
+    """Everything `train` needs besides the model (whose config fixes image size, context length and tokenizer)."""
+    # data: passed through to data.py
+    data: str = "synthetic"
+    data_root: str = ""
+    csv_img_key: str = "filepath"
+    csv_caption_key: str = "title"
+    captions_per_image: int = 1
+    num_samples: int = 0
+    zeroshot_data: str = ""
+    val_data: str = ""
+    templates: str = ""
+    bpe: str = ""
+    workers: int = 0
+    # optimisation
+    epochs: int = 1
+    steps: int = 0
+    batch_size: int = 64
+    lr: float = 1e-3
+    wd: float = 0.1
+    warmup: int = 100
+    grad_clip: float = 1.0
+    seed: int = 0
+    # runtime
+    device: str = "auto"
+    grad_checkpointing: bool = False
+    # evaluation, logging, checkpoints
+    eval_every: int = 1
+    save_every: int = 1000
+    log_every: int = 10
+    resume: str = "auto"
+
+
+def check_settings(s):
+    """One-line errors for bad values, before any work."""
+    for name in ("epochs", "batch_size"):
+        if getattr(s, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
+    for name in ("steps", "warmup", "workers", "num_samples", "eval_every", "save_every", "log_every"):
+        if getattr(s, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(s, name)}")
+    if not s.lr > 0:
+        raise ValueError(f"--lr must be positive, got {s.lr}")
+    if not (s.wd >= 0 and s.grad_clip >= 0):
+        raise ValueError(f"--wd and --grad-clip must be 0 or more, got {s.wd} and {s.grad_clip}")
+    if s.captions_per_image < 1:
+        raise ValueError(f"--captions-per-image must be at least 1, got {s.captions_per_image}")
+    pick_device(s.device)
+
+
+def pick_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(name.split(":")[0]):
+        raise ValueError(f"--device {name} is not available here; use auto, cpu" +
+                         "".join(f", {d}" for d in ("cuda", "mps") if available[d]))
+    return torch.device(name)
+
+
+def autocast(device):
+    """The precision policy in one place: bf16 autocast on CUDA, full fp32 elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# -----------------------------------------------------------------------------
+# optimisation: open_clip's AdamW groups, warmup + cosine, one training step
+
+
+def param_groups(model, wd, distill=None):
+    """open_clip's AdamW groups: no weight decay for gains, biases and logit_scale (ndim < 2, or bn/ln/bias/logit_scale
+    in the name); the distillation projector gets its own group with weight decay (as in CoM-PT's KD stage)."""
+    def exclude(n, p):
+        return p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
+    named = list(model.named_parameters())
+    groups = [{"params": [p for n, p in named if not exclude(n, p)], "weight_decay": wd},
+              {"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0}]
+    head = list(distill.parameters()) if distill is not None else []
+    if head:
+        groups.append({"params": head, "weight_decay": wd})
+    return groups
+
+
+def make_optimizer(model, settings, device, distill=None):
+    return torch.optim.AdamW(param_groups(model, settings.wd, distill), lr=settings.lr, betas=(0.9, 0.98), eps=1e-6,
+                             fused=device.type == "cuda")
+
+
+def lr_at(step, total_steps, warmup, base_lr):
+    """open_clip's cosine schedule: lr * (step+1) / warmup during warmup, then cosine from lr to 0 at total_steps."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress)) * base_lr
+
+
+def encode_text(model, tokens):
+    """Text features of tokens (B, C) -> (B, E), or of k captions per image (B, k, C) -> (B, k, E)."""
+    return model.encode_text(tokens.flatten(0, -2)).view(*tokens.shape[:-1], -1)
+
+
+class Objective(nn.Module):
+    """The student and its distillation head as one module (so that one DDP wrapper syncs both): the loss terms."""
+
+    def __init__(self, model, distill=None):
+        super().__init__()
+        self.model, self.distill = model, distill
+
+    def forward(self, images, tokens, teacher_features=None):
+        image_features = self.model.encode_image(images)  # (B, E) unnormalised
+        text_features = encode_text(self.model, tokens)  # (B, E), or (B, k, E) for k captions per image
+        with torch.autocast(images.device.type, enabled=False):  # norms, logits and losses in fp32
+            image_features, text_features = image_features.float(), text_features.float()
+            losses = {"clip_loss": clip_loss(F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1),
+                                             self.model.logit_scale.exp())}
+            if self.distill is not None:
+                losses["fd_loss"] = self.distill(image_features, text_features, *teacher_features)
+        return losses
+
+
+def train_step(objective, optimizer, images, tokens, lr, grad_clip, amp, teacher=None):
+    """One optimizer step on one batch; returns the loss terms as floats ("loss" is their sum)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with amp:
+        teacher_features = None
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_features = (teacher.encode_image(images), encode_text(teacher, tokens))
+        losses = objective(images, tokens, teacher_features)
+    loss = sum(losses.values())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_(objective.parameters(), grad_clip)
+    optimizer.step()
+    with torch.no_grad():
+        objective.model.logit_scale.clamp_(0, math.log(100))
+    values = torch.stack([loss.detach(), *(v.detach() for v in losses.values())]).tolist()  # one device sync
+    return dict(zip(["loss", *losses], values))
+
+
+# -----------------------------------------------------------------------------
+# evaluation: zero-shot classification and image<->text retrieval
+
+
+def zeroshot_accuracy(image_features, labels, class_features, ks=(1, 5)):
+    """Top-k accuracy of normalised image features (N, E) classified by normalised class embeddings (K, E)."""
+    top = (image_features @ class_features.T).topk(min(max(ks), len(class_features)), dim=-1).indices  # (N, k)
+    hits = top == labels[:, None]
+    return {k: hits[:, :k].any(dim=-1).float().mean().item() for k in ks}
+
+
+def retrieval_recall(image_features, text_features, text_image, ks=(1, 5, 10)):
+    """R@k both ways for normalised features; text_image[j] is the index of the image that caption j describes.
+    Image -> text: a hit when any of the image's captions is among the top k; text -> image: when its image is."""
+    sim = image_features @ text_features.T  # (N_img, N_txt)
+    k_max = max(ks)
+    top_texts = sim.topk(min(k_max, sim.shape[1]), dim=1).indices  # (N_img, k)
+    i2t = text_image[top_texts] == torch.arange(sim.shape[0], device=sim.device)[:, None]
+    top_images = sim.T.topk(min(k_max, sim.shape[0]), dim=1).indices  # (N_txt, k)
+    t2i = top_images == text_image[:, None]
+    out = {f"i2t_R@{k}": i2t[:, :k].any(dim=1).float().mean().item() for k in ks}
+    out.update({f"t2i_R@{k}": t2i[:, :k].any(dim=1).float().mean().item() for k in ks})
+    return out
+
+
+@torch.no_grad()
+def embed(encode, inputs, device, batch_size=256):
+    """Normalised fp32 features of `inputs` (images or tokens), encoded in chunks."""
+    out = []
+    for chunk in inputs.split(batch_size):
+        with autocast(device):
+            out.append(F.normalize(encode(chunk.to(device)).float(), dim=-1))
+    return torch.cat(out)
+
+
+def evaluate(model, eval_sets, device):
+    """Zero-shot top-1/top-5 and retrieval R@1/5/10 (fractions in [0, 1]) of `model` on data.build_eval_sets'
+    sets: "zeroshot" (image/label batches, prompt tokens [classes, templates, C]) and "retrieval" (batches of
+    images with k captions each, tokens [b, k, C])."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    if "zeroshot" in eval_sets:
+        zs = eval_sets["zeroshot"]
+        n_classes, n_templates, C = zs["tokens"].shape
+        prompts = embed(model.encode_text, zs["tokens"].view(-1, C), device)  # (n_classes * n_templates, E)
+        # a class is the mean of its normalised template embeddings, renormalised
+        class_features = F.normalize(prompts.view(n_classes, n_templates, -1).mean(dim=1), dim=-1)  # (K, E)
+        images = torch.cat([embed(model.encode_image, x, device) for x, _ in zs["batches"]])
+        labels = torch.cat([y for _, y in zs["batches"]]).to(device)
+        top = zeroshot_accuracy(images, labels, class_features)
+        out.update(zeroshot_top1=top[1], zeroshot_top5=top[5])
+    if "retrieval" in eval_sets:
+        batches = eval_sets["retrieval"]["batches"]
+        images = torch.cat([embed(model.encode_image, x, device) for x, _ in batches])
+        texts = torch.cat([embed(model.encode_text, t.flatten(0, -2), device) for _, t in batches])
+        k = batches[0][1].shape[1]  # captions per image
+        text_image = torch.arange(len(images), device=device).repeat_interleave(k)
+        out.update(retrieval_recall(images, texts, text_image))
+    model.train(was_training)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# checkpoints and run records
+
+
+def save_checkpoint(path, state):
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint intact
+
+
+def git_hash():
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=here).returncode != 0
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def load_checkpoint(path, model, optimizer, distill, settings, device):
+    """Restore a run from `path` for an exact resume; returns (step, wall time so far in seconds)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--resume {path}: no such checkpoint; pass auto, none or an existing file")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if ckpt["config"] != model.cfg.to_dict():
+        raise ValueError(f"checkpoint {path} holds a model of another config; use another --out or --resume none")
+    for key in ("data", "batch_size", "seed"):  # these fix the data stream: another value cannot resume exactly
+        if ckpt["settings"][key] != getattr(settings, key):
+            raise ValueError(f"checkpoint {path} was trained with {key}={ckpt['settings'][key]!r}, not "
+                             f"{getattr(settings, key)!r}; resume with the same value, or use another --out")
+    model.load_state_dict(ckpt["model"])
+    if distill is not None:
+        distill.load_state_dict(ckpt["distill"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if device.type == "cuda" and ckpt["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    return ckpt["step"], ckpt["wall_time"]
+
+
+def train(model, settings, out_dir, *, teacher=None, distill=None):
+    """Train `model` (a vit.CLIP) with `settings`, writing into `out_dir`; returns the final metrics. With a teacher
+    (a vit.CLIP) and `distill` (a module (s_img, s_txt, t_img, t_txt) -> loss), the loss is clip_loss + fd_loss."""
+    s, cfg = settings, model.cfg
+    check_settings(s)
+    if (teacher is None) != (distill is None):
+        raise ValueError("train() needs both a teacher and a distillation module, or neither")
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    main_process = rank == 0  # the one that writes files, logs and evaluates
+    device = pick_device(s.device)
+    tokenizer = data.get_tokenizer(cfg.tokenizer, s.bpe or None)  # the model's config names its tokenizer
+    shape = dict(tokenizer=tokenizer, image_size=cfg.image_size, context_length=cfg.context_length)
+    train_data = data.build_train_data(
+        s.data, **shape, batch_size=s.batch_size, workers=s.workers, seed=s.seed, rank=rank, world_size=world_size,
+        num_samples=s.num_samples or None, data_root=s.data_root or None, csv_img_key=s.csv_img_key,
+        csv_caption_key=s.csv_caption_key, captions_per_image=s.captions_per_image)
+    eval_sets = data.build_eval_sets(s.data, **shape) if main_process else {}
+    steps_per_epoch = train_data.steps_per_epoch
+    total_steps = s.steps or s.epochs * steps_per_epoch
+
+    model.to(device).train()
+    model.set_grad_checkpointing(s.grad_checkpointing)
+    if teacher is not None:
+        teacher.to(device).eval()
+        distill.to(device).train()
+    objective = Objective(model, distill)
+    optimizer = make_optimizer(model, s, device, distill)
+    amp = autocast(device)
+
+    # resume from out/checkpoint.pt when present ("auto"), from a given file, or not at all ("none")
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
+    resume = {"auto": ckpt_path if os.path.exists(ckpt_path) else None, "none": None}.get(s.resume, s.resume)
+    step, wall_time = load_checkpoint(resume, model, optimizer, distill, s, device) if resume else (0, 0.0)
+    t_start = time.time()
+
+    def checkpoint():
+        save_checkpoint(ckpt_path, {
+            "model": model.state_dict(), "config": cfg.to_dict(), "step": step, "optimizer": optimizer.state_dict(),
+            "distill": distill.state_dict() if distill is not None else None, "settings": asdict(s),
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
+            "wall_time": wall_time + time.time() - t_start})
+
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    tty = main_process and sys.stderr.isatty()  # a progress bar on a terminal, plain lines in a log file
+    if main_process:
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump({"settings": asdict(s), "model": cfg.to_dict(), "git": git_hash(), "torch": torch.__version__,
+                       "device": str(device), "world_size": world_size,
+                       "teacher": teacher.cfg.to_dict() if teacher is not None else None}, f, indent=2)
+        # a resumed run replays the steps after its checkpoint: drop their old records
+        kept = [r for r in open(metrics_path) if json.loads(r)["step"] <= step] if os.path.exists(metrics_path) else []
+        with open(metrics_path, "w") as f:
+            f.writelines(kept)
+
+    def log(record, line):
+        if main_process:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if not tty:
+                print(line, flush=True)
+
+    def run_eval():
+        metrics = evaluate(model, eval_sets, device) if main_process else {}
+        log({"step": step, "epoch": step / steps_per_epoch, **metrics},
+            f"step {step} eval: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        return metrics
+
+    bar = tqdm(total=total_steps, initial=step, disable=not tty, unit="step", dynamic_ncols=True)
+    t_log, step_log, losses = time.time(), step, {}
+    while step < total_steps:
+        epoch, first = divmod(step, steps_per_epoch)
+        for images, tokens in train_data.batches(epoch, first):
+            images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
+            lr = lr_at(step, total_steps, s.warmup, s.lr)
+            losses = train_step(objective, optimizer, images, tokens, lr, s.grad_clip, amp, teacher)
+            if not math.isfinite(losses["loss"]):
+                raise FloatingPointError(f"non-finite loss {losses} at step {step + 1}: run stopped; the last good "
+                                         f"checkpoint is {ckpt_path} (try a lower --lr, keep --grad-clip on)")
+            step += 1
+            bar.update()
+            if step % s.log_every == 0 or step == total_steps:
+                speed = (step - step_log) * s.batch_size * world_size / (time.time() - t_log)
+                t_log, step_log = time.time(), step
+                record = {"step": step, "epoch": step / steps_per_epoch, **losses, "lr": lr,
+                          "logit_scale": model.logit_scale.exp().item(), "samples_per_s": speed}
+                bar.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{lr:.2e}", samples_s=f"{speed:.0f}")
+                log(record, f"step {step}/{total_steps} " + " ".join(f"{k} {v:.4g}" for k, v in record.items()
+                                                                     if k != "step"))
+            if main_process and ((s.save_every and step % s.save_every == 0) or step == total_steps):
+                checkpoint()
+            if step == total_steps:
+                break
+        if step < total_steps and s.eval_every and (epoch + 1) % s.eval_every == 0:
+            run_eval()
+    bar.close()
+    metrics = run_eval()
+    return {"step": step, "samples_seen": step * s.batch_size * world_size,
+            "wall_time_s": wall_time + time.time() - t_start, **losses, **metrics}
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def parse_args(argv=None):
+    d = Settings()
+    p = argparse.ArgumentParser(description="Train one CLIP model (optionally distilled from a teacher).")
+    # model
+    p.add_argument("--size", default="cpu-tiny", help=f"model size: {', '.join(vit.SIZES)}")
+    p.add_argument("--image-size", type=int, default=0,
+                   help=f"input resolution in pixels (0: {data.SYNTHETIC_IMAGE_SIZE} for synthetic data, else 224)")
+    p.add_argument("--patch-size", type=int, default=0, help="ViT patch size in pixels (0: 4 for synthetic, else 16)")
+    p.add_argument("--context-length", type=int, default=0, help="text length in tokens, start and end included "
+                   f"(0: {data.SYNTHETIC_CONTEXT_LENGTH} for synthetic data, else 77)")
+    # data
+    p.add_argument("--data", default=d.data, help="synthetic, a .csv/.tsv file, .tar shards (brace range/glob), or a folder")
+    p.add_argument("--data-root", default=d.data_root, help="folder that image paths in a csv/tsv are relative to")
+    p.add_argument("--csv-img-key", default=d.csv_img_key, help="csv/tsv column with the image paths")
+    p.add_argument("--csv-caption-key", default=d.csv_caption_key, help="csv/tsv column with the captions")
+    p.add_argument("--captions-per-image", type=int, default=d.captions_per_image, help="captions per image")
+    p.add_argument("--num-samples", type=int, default=d.num_samples, help="use the first N samples (0: all)")
+    p.add_argument("--zeroshot-data", default=d.zeroshot_data, help="zero-shot classification folder")
+    p.add_argument("--val-data", default=d.val_data, help="retrieval validation set (same formats as --data)")
+    p.add_argument("--templates", default=d.templates, help="zero-shot prompt templates")
+    p.add_argument("--bpe", default=d.bpe, help="CLIP BPE vocabulary file")
+    p.add_argument("--workers", type=int, default=d.workers, help="data loading processes (0: in the main process)")
+    # optimisation
+    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training data")
+    p.add_argument("--steps", type=int, default=d.steps, help="total optimizer steps; overrides --epochs (0: unset)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="image-text pairs per step (per process)")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate")
+    p.add_argument("--wd", type=float, default=d.wd, help="AdamW weight decay (not on gains, biases, logit scale)")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="linear lr warmup, in steps")
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max global grad norm (0: no clipping)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the model init and the data order")
+    # runtime
+    p.add_argument("--device", default=d.device, help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
+    # evaluation, logging, checkpoints
+    p.add_argument("--out", default="out", help="output folder: checkpoint.pt, metrics.jsonl, config.json")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate every N epochs (0: only at the end)")
+    p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--log-every", type=int, default=d.log_every, help="log every N steps")
+    p.add_argument("--resume", default=d.resume, help="auto (from OUT/checkpoint.pt when present), none, or a path")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
+    synthetic = args.data == "synthetic"  # small pictures, short captions; real data gets CLIP's 224 px and 77 tokens
+    try:
+        check_settings(settings)
+        tokenizer = data.get_tokenizer("clip-bpe" if settings.bpe else "byte", settings.bpe or None)
+        cfg = vit.config(args.size, image_size=args.image_size or (data.SYNTHETIC_IMAGE_SIZE if synthetic else 224),
+                         patch_size=args.patch_size or (4 if synthetic else 16),
+                         context_length=args.context_length or (data.SYNTHETIC_CONTEXT_LENGTH if synthetic else 77),
+                         vocab_size=tokenizer.vocab_size, tokenizer=tokenizer.name)
+        torch.manual_seed(settings.seed)  # the model's init
+        metrics = train(vit.CLIP(cfg), settings, args.out)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(json.dumps(metrics, indent=2))
+
+
+if __name__ == "__main__":
+    main()
