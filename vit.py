@@ -205,11 +205,11 @@ class CLIP(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.visual = VisionTransformer(cfg)
-        # the text tower lives at the top level, under open_clip's names
+        # the text tower lives at the top level, under open_clip's names and in its order
         w = cfg.text_width
+        self.transformer = Transformer(w, cfg.text_layers, cfg.text_heads, cfg.mlp_ratio, causal=True)
         self.token_embedding = nn.Embedding(cfg.vocab_size, w)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, w))
-        self.transformer = Transformer(w, cfg.text_layers, cfg.text_heads, cfg.mlp_ratio, causal=True)
         self.ln_final = nn.LayerNorm(w)
         self.text_projection = nn.Parameter(torch.empty(w, cfg.embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
