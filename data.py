@@ -13,14 +13,26 @@ augmentation and caption choice come from (seed, epoch, index) only, under a for
 does not depend on the number of workers and the caller's global RNG is never touched.
 """
 
+import argparse
+import csv
+import glob
+import io
+import json
 import math
-from collections import Counter
+import os
+import re
+import sys
+import tarfile
+from collections import Counter, deque
+from itertools import chain, islice
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
-from torch.utils.data import DataLoader, Dataset
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from torchvision import transforms as T
+from torchvision.models import ResNet50_Weights
+from tqdm import tqdm
 
 from tokenizer import get_tokenizer, tokenize  # noqa: F401  (re-exported)
 
@@ -162,7 +174,11 @@ class Synthetic:
 
 
 # -----------------------------------------------------------------------------
-# training batches
+# reading real data: a bad sample raises BadSample; it is then skipped, replaced and counted by kind
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+SIMPLE_TEMPLATES = ("itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
+                    "a {} in a video game.", "art of the {}.", "a photo of the small {}.")  # open_clip's short set
 
 
 class BadSample(Exception):
@@ -173,15 +189,235 @@ class BadSample(Exception):
         self.kind = kind
 
 
+def decode_image(raw, draft=None):
+    """A path or bytes -> RGB PIL image, EXIF orientation applied. A JPEG is DCT-downscaled while decoding,
+    never below `draft` pixels a side (much faster for big photos)."""
+    if isinstance(raw, str):
+        if not os.path.isfile(raw):
+            raise BadSample("missing_file", raw)
+        size = os.path.getsize(raw)
+    else:
+        size, raw = len(raw), io.BytesIO(raw)
+    if size == 0:
+        raise BadSample("empty_file")
+    try:
+        with Image.open(raw) as image:
+            if draft:
+                image.draft("RGB", (draft, draft))
+            image = ImageOps.exif_transpose(image)  # a loaded copy
+            return (image.convert("RGBA") if image.mode == "P" else image).convert("RGB")
+    except UnidentifiedImageError as e:
+        raise BadSample("not_an_image", str(e))
+    except Exception as e:  # truncated, corrupt, decompression bomb...: one bad file never stops a run
+        raise BadSample("corrupt_image", f"{type(e).__name__}: {e}")
+
+
+def decode_captions(raw, sep=None):
+    """Bytes or str -> the non-empty captions (several when `sep` splits them)."""
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError:
+        raise BadSample("bad_caption")
+    captions = [" ".join(c.split()) for c in (text.split(sep) if sep else [text])]
+    if not any(captions):
+        raise BadSample("empty_caption")
+    return [c for c in captions if c]
+
+
+class Strings:
+    """Strings packed in one numpy buffer: DataLoader workers share it, where a list of str objects would be
+    copied into each worker page by page as reference counts change (the classic worker memory blow-up)."""
+
+    def __init__(self, strings):
+        encoded = [s.encode("utf-8") for s in strings]
+        self.offsets = np.cumsum([0] + [len(e) for e in encoded])
+        self.buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        return self.buffer[self.offsets[i]:self.offsets[i + 1]].tobytes().decode("utf-8")
+
+
+class Files:
+    """Image files with captions: a CSV's caption columns (joined by \\x1f), or else key.txt beside key.jpg;
+    with labels instead (an ImageFolder), load() returns (image, label)."""
+
+    def __init__(self, images, captions=None, labels=None, sep=None, draft=None):
+        self.images, self.captions = Strings(images), captions and Strings(captions)
+        self.labels, self.sep, self.draft = labels, sep, draft
+
+    def __len__(self):
+        return len(self.images)
+
+    def load(self, i):
+        path = self.images[i]
+        if self.labels is not None:
+            return decode_image(path, self.draft), self.labels[i]
+        if self.captions:
+            captions = [c for field in self.captions[i].split("\x1f") for c in decode_captions(field, self.sep)
+                        if field.strip()] or decode_captions("")
+        else:
+            try:
+                with open(os.path.splitext(path)[0] + ".txt", "rb") as f:
+                    captions = decode_captions(f.read(), self.sep)
+            except FileNotFoundError:
+                raise BadSample("missing_caption", path)
+        return decode_image(path, self.draft), captions
+
+
+def read_csv(path, data_root=None, img_key="filepath", caption_key="title", sep=None, draft=None):
+    """open_clip's CSV/TSV: the delimiter is sniffed; caption_key may list several columns ("a,b"); image
+    paths are relative to data_root (default: the CSV's folder) unless absolute."""
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        header = f.readline()
+        try:
+            delimiter = "\t" if "\t" in header else csv.Sniffer().sniff(header, ",;|").delimiter
+        except csv.Error:
+            delimiter = ","
+        f.seek(0)
+        reader = csv.DictReader(f, delimiter=delimiter)
+        columns, keys = reader.fieldnames or [], [k.strip() for k in caption_key.split(",")]
+        for key in [img_key] + keys:
+            if key not in columns:
+                raise ValueError(f"{path}: no column {key!r}; columns found (delimiter {delimiter!r}): {columns}; "
+                                 f"name them with --csv-img-key and --csv-caption-key")
+        root = os.path.dirname(os.path.abspath(path)) if data_root is None else data_root
+        images, captions = [], []
+        for row in reader:
+            images.append(os.path.join(root, row[img_key] or ""))
+            captions.append("\x1f".join((row[k] or "").replace("\x1f", " ") for k in keys))
+    if not images:
+        raise ValueError(f"{path}: no rows")
+    if not any(os.path.isfile(p) for p in images[:20]):
+        raise FileNotFoundError(f"{path}: images not found (the first is {images[0]}); pass --data-root, the folder "
+                                f"that the {img_key!r} paths are relative to")
+    return Files(images, captions, sep=sep, draft=draft)
+
+
+def read_folder(root, sep=None, draft=None):
+    """img2dataset's "files" output: key.jpg (or .jpeg/.png/.webp) + key.txt in (sub)folders."""
+    images = sorted(os.path.join(d, f) for d, _, names in os.walk(root) for f in names
+                    if f.rpartition(".")[2].lower() in IMAGE_EXTS)
+    if not any(os.path.isfile(os.path.splitext(p)[0] + ".txt") for p in images):
+        raise ValueError(f"{root}: no key.jpg + key.txt pairs and no .tar shards; see README for the layouts")
+    return Files(images, sep=sep, draft=draft)
+
+
+def expand_shards(source):
+    """One .tar, a brace range ("cc3m/{00000..00331}.tar"), a glob, or a folder of .tar -> sorted paths."""
+    def braces(s):
+        m = re.search(r"\{([^{}]*)\}", s)
+        if not m:
+            return [s]
+        r = re.fullmatch(r"(\d+)\.\.(\d+)", m[1])
+        options = [str(i).zfill(len(r[1])) for i in range(int(r[1]), int(r[2]) + 1)] if r else m[1].split(",")
+        return [x for o in options for x in braces(s[:m.start()] + o + s[m.end():])]
+
+    if os.path.isdir(source):
+        paths = glob.glob(os.path.join(source, "*.tar"))
+    else:
+        paths = [p for pattern in braces(source) for p in (glob.glob(pattern) if set("*?[") & set(pattern) else [pattern])]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing or not paths:
+        raise FileNotFoundError(f"data {source!r}: {'no shard ' + missing[0] if missing else 'no .tar shards found'}")
+    return sorted(set(paths))
+
+
+def tar_samples(path, start=0, read=True):
+    """The samples of a shard from the start-th on, as dicts ext -> bytes (images and txt only; earlier ones
+    are passed over unread). Members sharing a key (folder + name up to the first dot) are one sample. Stops
+    quietly where the shard is unreadable."""
+    try:
+        with tarfile.open(path, "r:") as tar:
+            key, sample, n = None, {}, -1
+            for member in tar:
+                if not member.isfile():
+                    continue
+                folder, name = os.path.split(member.name)
+                stem, _, ext = name.partition(".")
+                if (folder, stem) != key:
+                    if key is not None and n >= start:
+                        yield sample
+                    key, sample, n = (folder, stem), {}, n + 1
+                ext = ext.lower()
+                if read and n >= start and (ext in IMAGE_EXTS or ext == "txt"):
+                    sample[ext] = tar.extractfile(member).read()
+            if key is not None and n >= start:
+                yield sample
+    except (OSError, EOFError, tarfile.TarError):
+        return
+
+
+def parse_sample(sample, sep=None, draft=None):
+    """A tar sample dict (or the kind of its failure) -> (image, captions)."""
+    if isinstance(sample, str):
+        raise BadSample(sample)
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None or "txt" not in sample:
+        raise BadSample("missing_image" if ext is None else "missing_caption")
+    return decode_image(sample[ext], draft), decode_captions(sample["txt"], sep)
+
+
+class Shards:
+    """img2dataset webdataset shards: members key.jpg|jpeg|png|webp + key.txt (+ key.json, ignored). A
+    shard's sample count comes from its img2dataset NNNNN_stats.json ("successes"), else from one scan."""
+
+    def __init__(self, paths, sep=None, draft=None):
+        self.paths, self.sep, self.draft = paths, sep, draft
+        self.counts = [self._count(p) for p in paths]
+
+    @staticmethod
+    def _count(path):
+        try:
+            with open(path[:-len(".tar")] + "_stats.json") as f:
+                return int(json.load(f)["successes"])
+        except (OSError, ValueError, KeyError):
+            return sum(1 for _ in tar_samples(path, read=False))
+
+    def __len__(self):
+        return sum(self.counts)
+
+
+def open_source(source, *, image_size=None, data_root=None, csv_img_key="filepath", csv_caption_key="title",
+                caption_sep=None):
+    """The reader of a real data source string (see DESIGN.md): Files or Shards."""
+    if source.lower().endswith((".csv", ".tsv")):
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"data {source}: no such file")
+        return read_csv(source, data_root, csv_img_key, csv_caption_key, caption_sep, image_size)
+    if os.path.isdir(source) and not glob.glob(os.path.join(source, "*.tar")):
+        return read_folder(source, caption_sep, image_size)
+    return Shards(expand_shards(source), caption_sep, image_size)
+
+
+# -----------------------------------------------------------------------------
+# training batches
+
+
+class Item:
+    """(image, captions) + a per-sample numpy RNG -> (image [3,H,W], tokens [C] or [k,C]); k captions are
+    drawn without replacement when there are enough; the augmentation runs on a forked, seeded torch RNG."""
+
+    def __init__(self, transform, tokenizer, context_length, captions_per_image=1):
+        self.transform, self.tokenizer, self.C, self.k = transform, tokenizer, context_length, captions_per_image
+
+    def __call__(self, image, captions, rng):
+        pick = rng.choice(len(captions), self.k, replace=len(captions) < self.k)
+        tokens = self.tokenizer([captions[i] for i in pick], self.C)  # (k, C)
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(int(rng.integers(2**62)))
+            image = self.transform(image)
+        return image, tokens[0] if self.k == 1 else tokens
+
+
 class Pairs(Dataset):
-    """Map-style dataset over a source; item (epoch, index) -> (image [3,H,W], tokens [C] or [k,C], skips).
+    """Map-style training set: item (epoch, index) -> (image, tokens, kinds of the bad samples met). A bad
+    sample is replaced by another index drawn from (seed, epoch, index), so a batch keeps its size."""
 
-    A bad sample is replaced by another index drawn from (seed, epoch, index), so a batch keeps its size.
-    """
-
-    def __init__(self, source, transform, tokenizer, context_length, seed, captions_per_image=1):
-        self.source, self.transform, self.tokenizer = source, transform, tokenizer
-        self.context_length, self.seed, self.k = context_length, seed, captions_per_image
+    def __init__(self, source, item, seed):
+        self.source, self.item, self.seed = source, item, seed
 
     def __len__(self):
         return len(self.source)
@@ -190,31 +426,104 @@ class Pairs(Dataset):
         epoch, index = key
         rng = np.random.default_rng([self.seed, epoch, index])
         skips = []
-        for _ in range(100):
+        while len(skips) < 100:
             try:
-                image, captions = self.source.load(index)
-                break
+                return *self.item(*self.source.load(index), rng), skips
             except BadSample as e:
                 skips.append(e.kind)
                 index = int(rng.integers(len(self.source)))
-        else:
-            raise RuntimeError(f"100 bad samples in a row ({Counter(skips)}): check the data with `python data.py check`")
-        pick = rng.choice(len(captions), self.k, replace=len(captions) < self.k)
-        tokens = self.tokenizer([captions[i] for i in pick], self.context_length)  # (k, C)
-        with torch.random.fork_rng(devices=[]):  # augmentation from (seed, epoch, index) only
-            torch.default_generator.manual_seed(int(rng.integers(2**62)))
-            image = self.transform(image)
-        return image, tokens[0] if self.k == 1 else tokens, skips
+        raise RuntimeError(f"100 bad samples in a row ({dict(Counter(skips))}): run `python data.py check DATA`")
+
+
+class ShardStream(IterableDataset):
+    """Training batches of one rank from tar shards, read sequentially. An epoch reads the shards in an order
+    drawn from (seed, epoch) as one stream of positions. With L = max(workers, 1) lanes per rank, batch t of
+    rank r is made by lane t % L from its own contiguous stretch of the stream, through a shuffle buffer; a
+    bad sample is replaced by a sample drawn from the buffer. So no sample is read twice or dropped (but
+    the tail, as with drop_last), the stream is a function of (seed, epoch, world size, workers), and a resume
+    passes over the earlier batches of the epoch without decoding them."""
+
+    buffer_size = 1000
+
+    def __init__(self, shards, item, seed):
+        self.shards, self.item, self.seed = shards, item, seed
+        self.epoch = self.start_step = 0  # set by TrainData.batches; the layout by TrainData
+        self.batch_size = self.rank = self.steps = self.num_samples = None
+
+    def __len__(self):
+        return len(self.shards)
+
+    def _read(self, begin, end):
+        """(position, sample) for positions begin..end of this epoch's stream: shards in an order drawn from
+        (seed, epoch), redrawn for each pass when num_samples exceeds the data."""
+        start, rep = 0, 0
+        while start < end:
+            for s in np.random.default_rng([self.seed, self.epoch, rep]).permutation(len(self.shards.paths)):
+                a, b = max(begin - start, 0), min(end - start, self.shards.counts[s])
+                pos = start + a
+                for sample in islice(tar_samples(self.shards.paths[s], a), max(b - a, 0)):
+                    yield pos, sample
+                    pos += 1
+                for pos in range(pos, start + b):  # a shard shorter than its count: unreadable from here
+                    yield pos, "unreadable_shard"
+                start += self.shards.counts[s]
+                if start >= end:
+                    return
+            rep += 1
+
+    def __iter__(self):
+        info = get_worker_info()
+        L, worker = (info.num_workers, info.id) if info else (1, 0)
+        lane = (self.start_step + worker) % L  # the DataLoader asks its workers in turn, from worker 0
+        B, n = self.batch_size, len(range(lane, self.steps, L))
+        begin = B * (self.rank * self.steps + sum(len(range(l, self.steps, L)) for l in range(lane)))
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, L, lane])
+        buffer, recent, batch, skips = [], deque(maxlen=100), [], Counter()
+        emitted = -B * len(range(lane, self.start_step, L))  # < 0: batches already trained on, not decoded
+        for new in chain(self._read(begin, begin + n * B), [None] * self.buffer_size):
+            if new is not None and len(buffer) < self.buffer_size:
+                buffer.append(new)
+                continue
+            if not buffer:
+                break
+            j = int(rng.integers(len(buffer)))
+            pos, sample = buffer[j]
+            buffer[j] = new
+            if new is None:
+                buffer.pop(j)
+            recent.append((pos, sample))
+            emitted += 1
+            if emitted <= 0:
+                continue
+            own = np.random.default_rng([self.seed, self.epoch, pos])
+            for _ in range(100):
+                try:
+                    batch.append(self.item(*parse_sample(sample, self.shards.sep, self.shards.draft), own))
+                    break
+                except BadSample as e:
+                    skips[e.kind] += 1
+                    pool = list(recent) + [b for b in buffer if b is not None]
+                    sample = pool[int(own.integers(len(pool)))][1]
+            else:
+                raise RuntimeError(f"100 bad samples in a row ({dict(skips)}): run `python data.py check DATA`")
+            if len(batch) == B:
+                yield (*_collate(batch)[:2], skips)
+                batch, skips = [], Counter()
 
 
 def _collate(items):
-    images, tokens, skips = zip(*items)
-    return torch.stack(images), torch.stack(tokens), Counter(k for s in skips for k in s)
+    images, tokens, *skips = zip(*items)
+    return torch.stack(images), torch.stack(tokens), Counter(k for s in (skips[0] if skips else ()) for k in s)
+
+
+def _as_is(batch):
+    return batch
 
 
 class TrainData:
-    """Batches of one rank: a global batch of batch_size * world_size samples is drawn from a permutation
-    of (seed, epoch); rank r takes its r-th slice. The last incomplete global batch is dropped."""
+    """Batches of one rank. Map-style sources: a global batch of batch_size * world_size samples is drawn
+    from a permutation of (seed, epoch), and rank r takes its r-th slice; shards: see ShardStream. The last
+    incomplete global batch is dropped. .skipped counts the bad samples met, by kind."""
 
     def __init__(self, dataset, batch_size, workers, seed, rank=0, world_size=1, num_samples=None):
         self.dataset, self.batch_size, self.workers, self.seed = dataset, batch_size, workers, seed
@@ -224,6 +533,11 @@ class TrainData:
         if self.steps_per_epoch == 0:
             raise ValueError(f"{self.num_samples} samples make no batch of {batch_size} x {world_size} ranks: "
                              f"lower --batch-size or add data")
+        if self.num_samples > len(dataset):
+            print(f"warning: --num-samples {self.num_samples} exceeds the {len(dataset)} samples of the data: "
+                  f"an epoch sees some twice", file=sys.stderr)
+        if isinstance(dataset, ShardStream):
+            dataset.batch_size, dataset.rank, dataset.steps = batch_size, rank, self.steps_per_epoch
         self.skipped = Counter()
 
     def _order(self, epoch):
@@ -234,12 +548,18 @@ class TrainData:
 
     def batches(self, epoch, start_step=0):
         """Yield (images [B,3,H,W], tokens [B,C] or [B,k,C]) for steps start_step.. of `epoch`."""
-        order = self._order(epoch).tolist()
-        B, G = self.batch_size, self.batch_size * self.world_size
-        plan = [[(epoch, i) for i in order[t * G + self.rank * B: t * G + (self.rank + 1) * B]]
-                for t in range(start_step, self.steps_per_epoch)]
-        loader = DataLoader(self.dataset, batch_sampler=plan, num_workers=self.workers, collate_fn=_collate,
-                            generator=torch.Generator().manual_seed(self.seed))  # not the global RNG
+        generator = torch.Generator().manual_seed(self.seed)  # the DataLoader's seeds: not from the global RNG
+        if isinstance(self.dataset, ShardStream):
+            self.dataset.epoch, self.dataset.start_step = epoch, start_step
+            loader = DataLoader(self.dataset, batch_size=None, num_workers=self.workers, collate_fn=_as_is,
+                                generator=generator)
+        else:
+            order = self._order(epoch).tolist()
+            B, G = self.batch_size, self.batch_size * self.world_size
+            plan = [[(epoch, i) for i in order[t * G + self.rank * B: t * G + (self.rank + 1) * B]]
+                    for t in range(start_step, self.steps_per_epoch)]
+            loader = DataLoader(self.dataset, batch_sampler=plan, num_workers=self.workers, collate_fn=_collate,
+                                generator=generator)
         for images, tokens, skips in loader:
             self.skipped.update(skips)
             yield images, tokens
@@ -247,15 +567,20 @@ class TrainData:
 
 def build_train_data(source, *, tokenizer, image_size, context_length, batch_size, workers, seed, rank=0,
                      world_size=1, num_samples=None, data_root=None, csv_img_key="filepath",
-                     csv_caption_key="title", captions_per_image=1):
-    """TrainData for `source` ("synthetic" for now). tokenizer: a name or a tokenizer object."""
+                     csv_caption_key="title", caption_sep=None, captions_per_image=1):
+    """TrainData for a source string: "synthetic", a .csv/.tsv, .tar shard(s) or a folder (DESIGN.md).
+    tokenizer: a name or a tokenizer object. caption_sep splits a caption field into several captions."""
     if isinstance(tokenizer, str):
         tokenizer = get_tokenizer(tokenizer)
+    item = Item(train_transform(image_size), tokenizer, context_length, captions_per_image)
     if source == "synthetic":
-        src = Synthetic(num_samples or SYNTHETIC_NUM_SAMPLES, seed, image_size)
-    else:
-        raise ValueError(f"unknown data source {source!r}: use 'synthetic'")
-    dataset = Pairs(src, train_transform(image_size), tokenizer, context_length, seed, captions_per_image)
+        return TrainData(Pairs(Synthetic(num_samples or SYNTHETIC_NUM_SAMPLES, seed, image_size), item, seed),
+                         batch_size, workers, seed, rank, world_size)
+    src = open_source(source, image_size=image_size, data_root=data_root, csv_img_key=csv_img_key,
+                      csv_caption_key=csv_caption_key, caption_sep=caption_sep)
+    if len(src) == 0:
+        raise ValueError(f"data {source}: no samples")
+    dataset = ShardStream(src, item, seed) if isinstance(src, Shards) else Pairs(src, item, seed)
     return TrainData(dataset, batch_size, workers, seed, rank, world_size, num_samples)
 
 
@@ -263,33 +588,213 @@ def build_train_data(source, *, tokenizer, image_size, context_length, batch_siz
 # evaluation sets
 
 
-def build_eval_sets(source="synthetic", *, tokenizer, image_size, context_length, seed=0, batch_size=256,
-                    zeroshot_size=960, retrieval_size=500):
+def image_folder(root, draft=None):
+    """An ImageFolder (root/<class>/<image>) as Files with labels, and its class names. ImageNet's wnid
+    folders (n01440764...) take torchvision's ImageNet category names, and must be all 1000."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"--zeroshot-data {root}: no such folder")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    if not classes:
+        raise ValueError(f"--zeroshot-data {root}: no class folders; lay it out as {root}/<class>/<image> "
+                         f"(ImageNet val: run its valprep.sh)")
+    if all(re.fullmatch(r"n\d{8}", c) for c in classes):
+        if len(classes) != 1000:
+            raise ValueError(f"--zeroshot-data {root}: {len(classes)} ImageNet wnid folders, ImageNet has 1000 "
+                             f"(for a subset, rename the folders to class names)")
+        names = list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])  # in sorted-wnid order
+    else:
+        names = [c.replace("_", " ") for c in classes]
+    images, labels = [], []
+    for label, c in enumerate(classes):
+        found = sorted(os.path.join(d, f) for d, _, fs in os.walk(os.path.join(root, c)) for f in fs
+                       if f.rpartition(".")[2].lower() in IMAGE_EXTS)
+        images += found
+        labels += [label] * len(found)
+    if not images:
+        raise ValueError(f"--zeroshot-data {root}: no images ({', '.join(IMAGE_EXTS)}) in its class folders")
+    return Files(images, labels=labels, draft=draft), names
+
+
+def load_templates(templates, default):
+    """Prompt templates: a list, a file with one per line, or None for the default; each holds "{}"."""
+    if isinstance(templates, str):
+        with open(templates, encoding="utf-8") as f:
+            templates = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    templates = list(templates or default)
+    bad = [t for t in templates if "{}" not in t]
+    if bad or not templates:
+        raise ValueError(f"templates: {bad[0]!r} has no '{{}}' for the class name" if bad else "templates: none")
+    return templates
+
+
+class EvalItems(Dataset):
+    """index -> (image [3,H,W], target) with target = label, or tokens [k,C] of the first k captions (cycled);
+    a bad sample comes out as the kind of its failure and is left out of the batch."""
+
+    def __init__(self, source, transform, tokenizer=None, context_length=None, k=1):
+        self.source, self.transform, self.tokenizer, self.C, self.k = source, transform, tokenizer, context_length, k
+
+    def __len__(self):
+        return len(self.source)
+
+    def make(self, image, target):
+        if self.tokenizer is not None:
+            target = self.tokenizer([target[i % len(target)] for i in range(self.k)], self.C)
+        return self.transform(image), torch.as_tensor(target)
+
+    def __getitem__(self, i):
+        try:
+            return self.make(*self.source.load(i))
+        except BadSample as e:
+            return e.kind
+
+
+class EvalShards(IterableDataset):
+    """EvalItems over tar shards: worker w reads shards w, w + workers, ..."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __iter__(self):
+        info = get_worker_info()
+        shards = self.items.source
+        for path in shards.paths[info.id::info.num_workers] if info else shards.paths:
+            for sample in tar_samples(path):
+                try:
+                    yield self.items.make(*parse_sample(sample, shards.sep, shards.draft))
+                except BadSample as e:
+                    yield e.kind
+
+
+def _collate_eval(items):
+    good = [x for x in items if not isinstance(x, str)]
+    kinds = Counter(x for x in items if isinstance(x, str))
+    return (*(_collate(good)[:2] if good else (torch.empty(0), torch.empty(0))), kinds)
+
+
+class EvalBatches:
+    """Re-iterable (images, targets) batches read from disk at each pass; .skipped counts bad samples."""
+
+    def __init__(self, dataset, batch_size, workers):
+        self.dataset, self.batch_size, self.workers, self.skipped = dataset, batch_size, workers, Counter()
+
+    def __iter__(self):
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.workers,
+                            collate_fn=_collate_eval, generator=torch.Generator())
+        for images, targets, kinds in loader:
+            self.skipped.update(kinds)
+            if len(images):
+                yield images, targets
+
+
+def build_eval_sets(source="synthetic", *, tokenizer, image_size, context_length, zeroshot_data=None,
+                    val_data=None, templates=None, data_root=None, csv_img_key="filepath", csv_caption_key="title",
+                    caption_sep=None, captions_per_image=1, batch_size=256, workers=0, seed=0):
     """Evaluation sets, as a dict (an absent key means no such evaluation):
 
-    "zeroshot": dict(batches=[(images [b,3,H,W], labels long [b]), ...], classnames=[n names],
+    "zeroshot": dict(batches=iterable of (images [b,3,H,W], labels long [b]), classnames=[n names],
                      templates=[t prompts with "{}"], tokens=long [n, t, C])  (the prompts, tokenized)
-    "retrieval": dict(batches=[(images [b,3,H,W], tokens long [b, k, C]), ...])  (k captions per image;
-                     caption j of image i is a match of image i only)
+    "retrieval": dict(batches=iterable of (images [b,3,H,W], tokens long [b, k, C]))  (k captions per
+                     image; caption j of image i matches image i only)
 
-    For the synthetic source both are held out from training (other seeds of the generator): 960
-    one-object pictures, 20 per class of the 48 colour-shape classes, and 500 pictures with 5 captions.
+    Synthetic source: both held out from training (other seeds of the generator), in memory (lists): 960
+    one-object pictures, 20 per class of the 48 colour-shape classes, prompts TEMPLATES; 500 pictures with
+    their 5 captions. zeroshot_data: an ImageFolder (prompts SIMPLE_TEMPLATES, or `templates`: a list or a
+    file); val_data: any caption source, k = captions_per_image. Real sets are EvalBatches, read from disk
+    at each pass (iterate them once per evaluation), with bad samples left out and counted in .skipped.
     """
     if isinstance(tokenizer, str):
         tokenizer = get_tokenizer(tokenizer)
-    if source != "synthetic":
-        raise ValueError(f"unknown data source {source!r}: use 'synthetic'")
-    tf = eval_transform(image_size)
-    zs = [synthetic_sample(seed, "zeroshot", i, image_size) for i in range(zeroshot_size)]
-    zs_images = torch.stack([tf(im) for im, _, _ in zs])
-    zs_labels = torch.tensor([label for _, _, label in zs])
-    prompts = [t.format(c) for c in CLASSNAMES for t in TEMPLATES]
-    zs_tokens = tokenizer(prompts, context_length).view(len(CLASSNAMES), len(TEMPLATES), context_length)
-    rt = [synthetic_sample(seed, "retrieval", i, image_size) for i in range(retrieval_size)]
-    rt_images = torch.stack([tf(im) for im, _, _ in rt])
-    rt_tokens = torch.stack([tokenizer(caps, context_length) for _, caps, _ in rt])
-    return {
-        "zeroshot": dict(batches=list(zip(zs_images.split(batch_size), zs_labels.split(batch_size))),
-                         classnames=list(CLASSNAMES), templates=list(TEMPLATES), tokens=zs_tokens),
-        "retrieval": dict(batches=list(zip(rt_images.split(batch_size), rt_tokens.split(batch_size)))),
-    }
+    tf, sets = eval_transform(image_size), {}
+    if zeroshot_data or source == "synthetic":
+        folder, classnames = image_folder(zeroshot_data, image_size) if zeroshot_data else (None, CLASSNAMES)
+        templates = load_templates(templates, SIMPLE_TEMPLATES if zeroshot_data else TEMPLATES)
+        prompts = tokenizer([t.format(c) for c in classnames for t in templates], context_length)
+        if folder:
+            batches = EvalBatches(EvalItems(folder, tf), batch_size, workers)
+        else:
+            zs = [synthetic_sample(seed, "zeroshot", i, image_size) for i in range(960)]
+            images, labels = torch.stack([tf(im) for im, _, _ in zs]), torch.tensor([y for _, _, y in zs])
+            batches = list(zip(images.split(batch_size), labels.split(batch_size)))
+        sets["zeroshot"] = dict(batches=batches, classnames=list(classnames), templates=templates,
+                                tokens=prompts.view(len(classnames), len(templates), context_length))
+    if val_data and val_data != "synthetic":
+        src = open_source(val_data, image_size=image_size, data_root=data_root, csv_img_key=csv_img_key,
+                          csv_caption_key=csv_caption_key, caption_sep=caption_sep)
+        items = EvalItems(src, tf, tokenizer, context_length, captions_per_image)
+        sets["retrieval"] = dict(batches=EvalBatches(EvalShards(items) if isinstance(src, Shards) else items,
+                                                     batch_size, workers))
+    elif source == "synthetic" or val_data == "synthetic":
+        rt = [synthetic_sample(seed, "retrieval", i, image_size) for i in range(500)]
+        images = torch.stack([tf(im) for im, _, _ in rt])
+        tokens = torch.stack([tokenizer(caps, context_length) for _, caps, _ in rt])  # (500, 5, C)
+        sets["retrieval"] = dict(batches=list(zip(images.split(batch_size), tokens.split(batch_size))))
+    return sets
+
+
+# -----------------------------------------------------------------------------
+# python data.py check SOURCE: read a source end to end, count good and bad samples by kind
+
+
+class _Check(Dataset):
+    def __init__(self, source, chunk=256):
+        self.source, self.chunk = source, chunk
+
+    def __len__(self):
+        shards = isinstance(self.source, Shards)
+        return len(self.source.paths) if shards else math.ceil(len(self.source) / self.chunk)
+
+    def __getitem__(self, u):
+        counts, src = Counter(), self.source
+        if isinstance(src, Shards):
+            samples = list(tar_samples(src.paths[u]))
+            if src.counts[u] > len(samples):
+                counts["unreadable_shard"] += src.counts[u] - len(samples)
+            loads = [lambda s=s: parse_sample(s, src.sep) for s in samples]
+        else:
+            loads = [lambda i=i: src.load(i) for i in range(u * self.chunk, min((u + 1) * self.chunk, len(src)))]
+        for load in loads:
+            try:
+                load()
+                counts["good"] += 1
+            except BadSample as e:
+                counts[e.kind] += 1
+        return counts
+
+
+def check(source, workers=0, **source_args):
+    """Read every sample of `source` once; print and return the counts of good and bad samples by kind."""
+    src = open_source(source, **source_args)
+    total = Counter()
+    for counts in tqdm(DataLoader(_Check(src), batch_size=None, num_workers=workers, collate_fn=_as_is),
+                       desc=f"checking {source}", total=len(_Check(src))):
+        total.update(counts)
+    print(f"{source}: {len(src)} samples expected, {total['good']} good, {sum(total.values()) - total['good']} bad")
+    for kind, n in sorted(total.items()):
+        if kind != "good":
+            print(f"  {kind}: {n}")
+    return total
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="python data.py check SOURCE: read a data source end to end and count "
+                                            "its good and bad samples by kind, without training")
+    p.add_argument("command", choices=["check"])
+    p.add_argument("source", help="a .csv/.tsv, a .tar, a brace range or glob of shards, or a folder")
+    p.add_argument("--data-root", default=None, help="folder the CSV's image paths are relative to (default: the CSV's)")
+    p.add_argument("--csv-img-key", default="filepath", help="CSV column of the image paths")
+    p.add_argument("--csv-caption-key", default="title", help="CSV caption column(s), comma-separated")
+    p.add_argument("--caption-sep", default=None, help="separator of several captions inside one caption field")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    a = p.parse_args(argv)
+    try:
+        check(a.source, a.workers, data_root=a.data_root, csv_img_key=a.csv_img_key,
+              csv_caption_key=a.csv_caption_key, caption_sep=a.caption_sep)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -156,7 +156,7 @@ class _Flaky:
 
 
 def test_bad_samples_are_replaced_and_counted():
-    ds = data.Pairs(_Flaky(), data.eval_transform(32), data.get_tokenizer("byte"), 48, seed=0)
+    ds = data.Pairs(_Flaky(), data.Item(data.eval_transform(32), data.get_tokenizer("byte"), 48), seed=0)
     td = data.TrainData(ds, batch_size=5, workers=0, seed=0)
     batches = list(td.batches(0))
     assert len(batches) == 6 and all(b[0].shape[0] == 5 for b in batches)
@@ -182,3 +182,303 @@ def test_eval_sets():
     assert images.shape == (500, 3, 32, 32) and tokens.shape == (500, 5, 48)
     train_first = data.eval_transform(32)(data.synthetic_sample(0, "train", 0)[0])
     assert not torch.equal(images[0], train_first)  # held out
+
+
+# -----------------------------------------------------------------------------
+# real data: files made here, in open_clip's and img2dataset's layouts
+
+import io  # noqa: E402
+import json  # noqa: E402
+import tarfile  # noqa: E402
+
+from PIL import Image  # noqa: E402
+
+
+def solid(i, size=(40, 32), mode="RGB"):
+    """Picture i: one flat colour that encodes i, so a batch row tells which sample it came from."""
+    return Image.new("RGB", size, (8 * i, 250 - 8 * i, 60)).convert(mode)
+
+
+def jpeg(image, **kw):
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=95, **kw)
+    return buf.getvalue()
+
+
+def ids_of(images):
+    """The i of solid(i) for each normalised image of a batch."""
+    red = images[:, 0].mean((1, 2)) * data.STD[0] + data.MEAN[0]
+    return (red * 255 / 8).round().long().tolist()
+
+
+def texts_of(tokens):
+    return [bytes(v - 1 for v in row[1:row.argmax()].tolist()).decode() for row in tokens.reshape(-1, tokens.shape[-1])]
+
+
+BAD = {"truncated": ("jpg", "corrupt_image"), "empty": ("jpg", "empty_file"), "html": ("jpg", "not_an_image"),
+       "nocaption": ("jpg", "missing_caption"), "noimage": (None, "missing_image")}
+
+
+def bad_members(key):
+    """(name, bytes) of the bad sample `key`."""
+    good = jpeg(solid(1))
+    raw = {"truncated": good[:len(good) // 2], "empty": b"", "html": b"<html><body>404 Not Found</body></html>",
+           "nocaption": good}.get(key)
+    members = [(f"{key}.jpg", raw)] if raw is not None else []
+    return members + ([] if key == "nocaption" else [(f"{key}.txt", b"a bad one")])
+
+
+def write_tar(path, members):
+    with tarfile.open(path, "w") as tar:
+        for name, raw in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+
+
+def make_shards(root, n_shards=3, per_shard=8, stats=(0, 2), bad=()):
+    """img2dataset webdataset layout: NNNNN.tar with key.jpg/.txt/.json, and NNNNN_stats.json for `stats`."""
+    root.mkdir(exist_ok=True)
+    i = 0
+    for s in range(n_shards):
+        members = []
+        for _ in range(per_shard):
+            key = f"{s:05d}{i:04d}"
+            members += [(f"{key}.jpg", jpeg(solid(i))), (f"{key}.txt", f"sample {i}".encode()),
+                        (f"{key}.json", b'{"url": "x"}')]
+            i += 1
+        if s == 0:
+            for b in bad:
+                members += bad_members(b)
+        write_tar(root / f"{s:05d}.tar", members)
+        if s in stats:
+            n = per_shard + (len(bad) if s == 0 else 0)
+            (root / f"{s:05d}_stats.json").write_text(json.dumps({"count": n + 3, "successes": n, "failed_to_download": 3}))
+    return root
+
+
+def build_real(source, **kw):
+    args = dict(tokenizer="byte", image_size=32, context_length=24, batch_size=4, workers=0, seed=0)
+    args.update(kw)
+    return data.build_train_data(str(source), **args)
+
+
+def test_decode_image_kinds_and_modes(tmp_path):
+    for key, (_, kind) in BAD.items():
+        if key in ("nocaption", "noimage"):
+            continue
+        with pytest.raises(data.BadSample) as e:
+            data.decode_image(dict(bad_members(key))[f"{key}.jpg"])
+        assert e.value.kind == kind
+    with pytest.raises(data.BadSample, match="missing_file"):
+        data.decode_image(str(tmp_path / "nope.jpg"))
+    palette = solid(3).convert("P")
+    palette.info["transparency"] = 0
+    rgba = solid(3).convert("RGBA")
+    for image in (solid(3, mode="L"), solid(3, mode="CMYK"), palette, rgba):
+        buf = io.BytesIO()
+        image.save(buf, "JPEG" if image.mode in ("L", "CMYK") else "PNG")
+        out = data.decode_image(buf.getvalue())
+        assert out.mode == "RGB" and out.size == (40, 32)
+    # EXIF orientation 6: stored 40x32 with a red left half, shown rotated 90 degrees clockwise (32x40, red on top)
+    stored = Image.new("RGB", (40, 32), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 20, 32))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = data.decode_image(jpeg(stored, exif=exif.tobytes()))
+    assert out.size == (32, 40)
+    top, bottom = np.asarray(out)[:10].mean((0, 1)), np.asarray(out)[-10:].mean((0, 1))
+    assert top[0] > 200 > top[2] and bottom[2] > 200 > bottom[0]
+
+
+def write_csv(path, rows, delimiter):
+    path.write_text("\n".join(delimiter.join(r) for r in rows) + "\n")
+
+
+@pytest.mark.parametrize("delimiter", ["\t", ","])
+def test_csv_sources(tmp_path, delimiter):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(12):
+        solid(i).save(images / f"{i}.jpg")
+    rows = [("filepath", "title")] + [(f"images/{i}.jpg", f"sample {i}") for i in range(12)]
+    write_csv(tmp_path / "train.csv", rows, delimiter)  # paths relative to the CSV's folder
+    write_csv(tmp_path / "rooted.csv", [("img", "cap")] + [(f"{i}.jpg", f"sample {i}") for i in range(12)], delimiter)
+    for td in (build_real(tmp_path / "train.csv"),
+               build_real(tmp_path / "rooted.csv", data_root=str(images), csv_img_key="img", csv_caption_key="cap")):
+        assert td.num_samples == 12 and td.steps_per_epoch == 3
+        seen = []
+        for images_, tokens in td.batches(0):
+            assert texts_of(tokens) == [f"sample {i}" for i in ids_of(images_)]  # image and caption stay paired
+            seen += ids_of(images_)
+        assert sorted(seen) == list(range(12))
+    with pytest.raises(ValueError, match=r"no column 'filepath'.*\['img', 'cap'\]"):
+        build_real(tmp_path / "rooted.csv")
+    with pytest.raises(FileNotFoundError, match="--data-root"):
+        build_real(tmp_path / "rooted.csv", csv_img_key="img", csv_caption_key="cap")
+
+
+def test_several_captions_from_columns_or_separator(tmp_path):
+    for i in range(8):
+        solid(i).save(tmp_path / f"{i}.jpg")
+    write_csv(tmp_path / "cols.csv", [("filepath", "title", "long")] +
+              [(f"{i}.jpg", f"sample {i}", f"sample {i} long") for i in range(8)], "\t")
+    write_csv(tmp_path / "sep.csv", [("filepath", "title")] +
+              [(f"{i}.jpg", f"sample {i}|sample {i} long") for i in range(8)], "\t")
+    for source, extra in (("cols.csv", dict(csv_caption_key="title,long")), ("sep.csv", dict(caption_sep="|"))):
+        td = build_real(tmp_path / source, captions_per_image=2, **extra)
+        for images, tokens in td.batches(0):
+            assert tokens.shape == (4, 2, 24)
+            for i, row in zip(ids_of(images), tokens):
+                assert sorted(texts_of(row)) == [f"sample {i}", f"sample {i} long"]
+        one = build_real(tmp_path / source, **extra)  # one caption of the two, drawn per step
+        texts = {t for _ in range(3) for _, tokens in one.batches(_) for t in texts_of(tokens)}
+        assert any(t.endswith("long") for t in texts) and any(not t.endswith("long") for t in texts)
+
+
+def test_expand_shards_and_counts(tmp_path):
+    root = make_shards(tmp_path / "shards", n_shards=3, stats=(0, 2))
+    paths = [str(root / f"{s:05d}.tar") for s in range(3)]
+    assert data.expand_shards(str(root / "{00000..00002}.tar")) == paths
+    assert data.expand_shards(str(root / "{00000,00002}.tar")) == [paths[0], paths[2]]
+    assert data.expand_shards(str(root / "*.tar")) == paths == data.expand_shards(str(root))
+    (root / "00002_stats.json").write_text(json.dumps({"successes": 5}))  # the count is taken from stats
+    assert data.Shards(paths).counts == [8, 8, 5]
+    with pytest.raises(FileNotFoundError, match="00003.tar"):
+        data.expand_shards(str(root / "{00000..00003}.tar"))
+
+
+@pytest.mark.parametrize("workers,world_size", [(0, 1), (2, 1), (2, 2)])
+def test_shards_read_every_sample_once(tmp_path, workers, world_size):
+    root = make_shards(tmp_path / "s", n_shards=4, per_shard=6, stats=(1,))
+    epochs = []
+    for epoch in range(2):
+        seen = []
+        for rank in range(world_size):
+            td = build_real(root / "{00000..00003}.tar", workers=workers, rank=rank, world_size=world_size,
+                            batch_size=6 // world_size)
+            assert td.num_samples == 24 and td.steps_per_epoch == 4
+            batches = list(td.batches(epoch))
+            assert len(batches) == 4 and dict(td.skipped) == {}
+            for images, tokens in batches:
+                assert texts_of(tokens) == [f"sample {i}" for i in ids_of(images)]
+                seen += ids_of(images)
+        assert sorted(seen) == list(range(24))  # no duplicate, no drop, across workers and ranks
+        epochs.append(seen)
+    assert epochs[0] != epochs[1]  # reshuffled per epoch
+
+
+def test_shards_stream_is_deterministic_and_resumable(tmp_path):
+    root = make_shards(tmp_path / "s", n_shards=3, per_shard=8)
+    for workers in (0, 2):
+        full = list(build_real(root, workers=workers).batches(3))
+        again = list(build_real(root, workers=workers).batches(3))
+        resumed = list(build_real(root, workers=workers).batches(3, start_step=3))
+        assert len(resumed) == len(full) - 3 == 3
+        for (a, ta), (b, tb), (c, tc) in zip(full, again, [(None, None)] * 3 + resumed):
+            assert torch.equal(a, b) and torch.equal(ta, tb)
+            assert c is None or (torch.equal(a, c) and torch.equal(ta, tc))
+
+
+def test_shards_bad_samples_are_skipped_replaced_counted(tmp_path):
+    root = make_shards(tmp_path / "s", n_shards=2, per_shard=6, stats=(0,), bad=list(BAD))
+    good = jpeg(solid(1))
+    write_tar(root / "00002.tar", [("a.jpg", good), ("a.txt", b"sample 1")] * 4)  # keys repeat: fine
+    raw = (root / "00002.tar").read_bytes()
+    (root / "00002.tar").write_bytes(raw[:len(raw) // 2])  # a shard cut short
+    (root / "00002_stats.json").write_text(json.dumps({"successes": 4}))
+    td = build_real(root, batch_size=3)
+    assert td.num_samples == 6 + 5 + 6 + 4
+    batches = list(td.batches(0))
+    assert len(batches) == 7 and all(x.shape[0] == 3 and t.shape[0] == 3 for x, t in batches)
+    for images, tokens in batches:
+        assert texts_of(tokens) == [f"sample {i}" for i in ids_of(images)]
+    for kind in ("corrupt_image", "empty_file", "not_an_image", "missing_caption", "missing_image"):
+        assert td.skipped[kind] >= 1
+    assert td.skipped["unreadable_shard"] >= 2
+
+
+def test_files_folder(tmp_path):
+    for i in range(10):
+        d = tmp_path / f"{i // 5:05d}"
+        d.mkdir(exist_ok=True)
+        solid(i).save(d / f"{i:09d}.jpg")
+        (d / f"{i:09d}.txt").write_text(f"sample {i}")
+        (d / f"{i:09d}.json").write_text("{}")
+    solid(2).save(tmp_path / "00001" / "orphan.jpg")  # no caption
+    td = build_real(tmp_path, batch_size=5)
+    assert td.num_samples == 11
+    seen = []
+    for images, tokens in td.batches(0):
+        assert texts_of(tokens) == [f"sample {i}" for i in ids_of(images)]
+        seen += ids_of(images)
+    assert len(seen) == 10 and set(seen) <= set(range(10))
+
+
+def test_check_command(tmp_path, capsys):
+    root = make_shards(tmp_path / "s", n_shards=2, per_shard=5, stats=(0,), bad=list(BAD))
+    counts = data.check(str(root))
+    assert counts["good"] == 10 and all(counts[kind] == 1 for _, kind in BAD.values())
+    raw = (root / "00000.tar").read_bytes()
+    (root / "00000.tar").write_bytes(raw[:len(raw) // 2])  # its stats still promise 10 samples
+    capsys.readouterr()
+    assert data.main(["check", str(root / "{00000..00001}.tar"), "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "15 samples expected" in out and "unreadable_shard: " in out
+    assert data.main(["check", str(tmp_path / "nope.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "nope.csv" in err
+
+
+def test_zeroshot_image_folder_and_templates(tmp_path):
+    for c, name in enumerate(["red_car", "dog"]):
+        (tmp_path / "zs" / name).mkdir(parents=True)
+        for i in range(3):
+            solid(4 * c + i).save(tmp_path / "zs" / name / f"{i}.png")
+    (tmp_path / "zs" / "dog" / "broken.jpg").write_bytes(b"")
+    (tmp_path / "t.txt").write_text("a photo of a {}.\n\n# comment\nart of the {}.\n")
+    ev = data.build_eval_sets("x.csv", tokenizer="byte", image_size=32, context_length=32, batch_size=4,
+                              zeroshot_data=str(tmp_path / "zs"), templates=str(tmp_path / "t.txt"))
+    zs = ev["zeroshot"]
+    assert "retrieval" not in ev and zs["classnames"] == ["dog", "red car"]  # sorted folders
+    assert zs["templates"] == ["a photo of a {}.", "art of the {}."]
+    assert texts_of(zs["tokens"]) == ["a photo of a dog.", "art of the dog.", "a photo of a red car.", "art of the red car."]
+    pairs = [(i, y) for images, labels in zs["batches"] for i, y in zip(ids_of(images), labels.tolist())]
+    assert sorted(pairs) == [(0, 1), (1, 1), (2, 1), (4, 0), (5, 0), (6, 0)]
+    assert zs["batches"].skipped == {"empty_file": 1}
+    default = data.build_eval_sets("x.csv", tokenizer="byte", image_size=32, context_length=32,
+                                   zeroshot_data=str(tmp_path / "zs"))
+    assert default["zeroshot"]["templates"] == list(data.SIMPLE_TEMPLATES)
+    with pytest.raises(ValueError, match="no '{}'"):
+        data.load_templates(["a photo"], data.TEMPLATES)
+    with pytest.raises(ValueError, match="no class folders"):
+        data.image_folder(str(tmp_path / "zs" / "dog"))
+
+
+def test_imagenet_layout_check(tmp_path):
+    for k in range(1000):
+        (tmp_path / f"n{k:08d}").mkdir()
+    solid(0).save(tmp_path / "n00000000" / "a.jpg")
+    folder, names = data.image_folder(str(tmp_path))
+    assert len(names) == 1000 and names[0] == "tench" and names[-1] == "toilet tissue" and len(folder) == 1
+    (tmp_path / "n00000999").rmdir()
+    with pytest.raises(ValueError, match="999 ImageNet wnid folders"):
+        data.image_folder(str(tmp_path))
+
+
+def test_retrieval_on_caption_sources(tmp_path):
+    root = make_shards(tmp_path / "s", n_shards=2, per_shard=5, bad=["html"])
+    for i in range(4):
+        solid(i).save(tmp_path / f"{i}.jpg")
+    write_csv(tmp_path / "val.csv", [("filepath", "title")] + [(f"{i}.jpg", f"sample {i}") for i in range(4)], ",")
+    for val, n, workers in ((str(root), 10, 2), (str(tmp_path / "val.csv"), 4, 0)):
+        ev = data.build_eval_sets("x", tokenizer="byte", image_size=32, context_length=24, val_data=val,
+                                  captions_per_image=2, batch_size=3, workers=workers)
+        rt = ev["retrieval"]["batches"]
+        seen = []
+        for images, tokens in rt:
+            assert tokens.shape[1:] == (2, 24)
+            for i, row in zip(ids_of(images), tokens):
+                assert texts_of(row) == [f"sample {i}"] * 2  # one caption, cycled to k = 2
+                seen.append(i)
+        assert len(seen) == n and "zeroshot" not in ev
