@@ -77,8 +77,8 @@ def _write(x, D, dim):
     return math.sqrt(D / (D // d * d)) * _tile(x, D, dim, x.mean(dim, keepdim=True))
 
 
-def _noise(rows, cols, scale, g):
-    return torch.randn(rows, cols, generator=g, dtype=torch.float64) * (scale / math.sqrt(cols))
+def _noise(rows, cols, scale, g):  # drawn in float32 (twice as fast), used in float64
+    return torch.randn(rows, cols, generator=g).double() * (scale / math.sqrt(cols))
 
 
 def _read(w, D, scale, g):
