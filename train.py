@@ -31,7 +31,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.distributed as dist
@@ -44,54 +44,56 @@ import vit
 from clip_loss import clip_loss
 
 
+def flag(default, help):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class Settings:
-    """Everything `train` needs besides the model (whose config fixes image size, context length and tokenizer)."""
-    # data: passed through to data.py
-    data: str = "synthetic"
-    data_root: str = ""
-    csv_img_key: str = "filepath"
-    csv_caption_key: str = "title"
-    captions_per_image: int = 1
-    num_samples: int = 0
-    zeroshot_data: str = ""
-    val_data: str = ""
-    templates: str = ""
-    bpe: str = ""
-    workers: int = 0
+    """The training flags of `python train.py` (each field is the flag --field-name), minus the model's shape, which
+    the model's config fixes (image size, context length, tokenizer). Defaults suit the embedded synthetic data."""
+    # data, passed through to data.py
+    data: str = flag("synthetic", "synthetic, a .csv/.tsv file, .tar shards (brace range or glob) or a folder of them")
+    data_root: str = flag("", "folder that the image paths of a csv/tsv are relative to")
+    csv_img_key: str = flag("filepath", "csv/tsv column of the image paths")
+    csv_caption_key: str = flag("title", "csv/tsv column of the captions")
+    captions_per_image: int = flag(1, "captions per image and step; the CLIP loss averages over them")
+    num_samples: int = flag(0, "samples per epoch (0: the whole source)")
+    zeroshot_data: str = flag("", "zero-shot classification set: a folder with one sub-folder per class")
+    val_data: str = flag("", "retrieval validation set, same formats as --data")
+    templates: str = flag("", "zero-shot prompt templates")
+    bpe: str = flag("", "CLIP BPE vocabulary file (bpe_simple_vocab_16e6.txt.gz); empty: the byte tokenizer")
+    workers: int = flag(0, "data loading processes (0: load in the training process)")
     # optimisation
-    epochs: int = 1
-    steps: int = 0
-    batch_size: int = 64
-    lr: float = 1e-3
-    wd: float = 0.1
-    warmup: int = 100
-    grad_clip: float = 1.0
-    seed: int = 0
+    epochs: int = flag(1, "passes over the training data")
+    steps: int = flag(0, "total optimizer steps; overrides --epochs (0: epochs x steps per epoch)")
+    batch_size: int = flag(64, "image-text pairs per step and process")
+    lr: float = flag(1e-3, "peak AdamW learning rate")
+    wd: float = flag(0.1, "AdamW weight decay (not on gains, biases and the logit scale)")
+    warmup: int = flag(100, "linear learning-rate warmup, in steps")
+    grad_clip: float = flag(1.0, "largest global gradient norm (0: no clipping)")
+    seed: int = flag(0, "seed of the model's initialisation and of the data order and augmentation")
     # runtime
-    device: str = "auto"
-    grad_checkpointing: bool = False
+    device: str = flag("auto", "auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
+    grad_checkpointing: bool = flag(False, "recompute activations in the backward pass: less memory, more compute")
     # evaluation, logging, checkpoints
-    eval_every: int = 1
-    save_every: int = 1000
-    log_every: int = 10
-    resume: str = "auto"
+    eval_every: int = flag(1, "evaluate every N epochs, and at the end (0: only at the end)")
+    save_every: int = flag(1000, "checkpoint every N steps, and at the end (0: only at the end)")
+    log_every: int = flag(10, "log the losses every N steps")
+    resume: str = flag("auto", "auto (from OUT/checkpoint.pt when present), none (start over) or a checkpoint path")
 
 
 def check_settings(s):
     """One-line errors for bad values, before any work."""
-    for name in ("epochs", "batch_size"):
-        if getattr(s, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
-    for name in ("steps", "warmup", "workers", "num_samples", "eval_every", "save_every", "log_every"):
-        if getattr(s, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(s, name)}")
-    if not s.lr > 0:
-        raise ValueError(f"--lr must be positive, got {s.lr}")
-    if not (s.wd >= 0 and s.grad_clip >= 0):
-        raise ValueError(f"--wd and --grad-clip must be 0 or more, got {s.wd} and {s.grad_clip}")
-    if s.captions_per_image < 1:
-        raise ValueError(f"--captions-per-image must be at least 1, got {s.captions_per_image}")
+    positive = ("epochs", "batch_size", "captions_per_image", "lr", "log_every")
+    for name in positive + ("steps", "warmup", "wd", "grad_clip", "workers", "num_samples", "eval_every",
+                            "save_every"):
+        value = getattr(s, name)
+        if not (value > 0 if name in positive else value >= 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be {'positive' if name in positive else '0 or more'}, "
+                             f"got {value}")
+    if s.resume not in ("auto", "none") and not os.path.isfile(s.resume):
+        raise FileNotFoundError(f"--resume {s.resume}: no such checkpoint; pass auto, none or an existing file")
     pick_device(s.device)
 
 
@@ -274,8 +276,6 @@ def git_hash():
 
 def load_checkpoint(path, model, optimizer, distill, settings, device):
     """Restore a run from `path` for an exact resume; returns (step, wall time so far in seconds)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--resume {path}: no such checkpoint; pass auto, none or an existing file")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if ckpt["config"] != model.cfg.to_dict():
         raise ValueError(f"checkpoint {path} holds a model of another config; use another --out or --resume none")
@@ -309,7 +309,6 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
         s.data, **shape, batch_size=s.batch_size, workers=s.workers, seed=s.seed, rank=rank, world_size=world_size,
         num_samples=s.num_samples or None, data_root=s.data_root or None, csv_img_key=s.csv_img_key,
         csv_caption_key=s.csv_caption_key, captions_per_image=s.captions_per_image)
-    eval_sets = data.build_eval_sets(s.data, **shape) if main_process else {}
     steps_per_epoch = train_data.steps_per_epoch
     total_steps = s.steps or s.epochs * steps_per_epoch
 
@@ -327,6 +326,7 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
     ckpt_path = os.path.join(out_dir, "checkpoint.pt")
     resume = {"auto": ckpt_path if os.path.exists(ckpt_path) else None, "none": None}.get(s.resume, s.resume)
     step, wall_time = load_checkpoint(resume, model, optimizer, distill, s, device) if resume else (0, 0.0)
+    eval_sets = data.build_eval_sets(s.data, **shape) if main_process else {}
     t_start = time.time()
 
     def checkpoint():
@@ -400,45 +400,23 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
 
 
 def parse_args(argv=None):
-    d = Settings()
     p = argparse.ArgumentParser(description="Train one CLIP model (optionally distilled from a teacher).")
-    # model
+    # the model: its size and the data-dependent shape (0: the data's default)
     p.add_argument("--size", default="cpu-tiny", help=f"model size: {', '.join(vit.SIZES)}")
     p.add_argument("--image-size", type=int, default=0,
                    help=f"input resolution in pixels (0: {data.SYNTHETIC_IMAGE_SIZE} for synthetic data, else 224)")
     p.add_argument("--patch-size", type=int, default=0, help="ViT patch size in pixels (0: 4 for synthetic, else 16)")
     p.add_argument("--context-length", type=int, default=0, help="text length in tokens, start and end included "
                    f"(0: {data.SYNTHETIC_CONTEXT_LENGTH} for synthetic data, else 77)")
-    # data
-    p.add_argument("--data", default=d.data, help="synthetic, a .csv/.tsv file, .tar shards (brace range/glob), or a folder")
-    p.add_argument("--data-root", default=d.data_root, help="folder that image paths in a csv/tsv are relative to")
-    p.add_argument("--csv-img-key", default=d.csv_img_key, help="csv/tsv column with the image paths")
-    p.add_argument("--csv-caption-key", default=d.csv_caption_key, help="csv/tsv column with the captions")
-    p.add_argument("--captions-per-image", type=int, default=d.captions_per_image, help="captions per image")
-    p.add_argument("--num-samples", type=int, default=d.num_samples, help="use the first N samples (0: all)")
-    p.add_argument("--zeroshot-data", default=d.zeroshot_data, help="zero-shot classification folder")
-    p.add_argument("--val-data", default=d.val_data, help="retrieval validation set (same formats as --data)")
-    p.add_argument("--templates", default=d.templates, help="zero-shot prompt templates")
-    p.add_argument("--bpe", default=d.bpe, help="CLIP BPE vocabulary file")
-    p.add_argument("--workers", type=int, default=d.workers, help="data loading processes (0: in the main process)")
-    # optimisation
-    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training data")
-    p.add_argument("--steps", type=int, default=d.steps, help="total optimizer steps; overrides --epochs (0: unset)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="image-text pairs per step (per process)")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate")
-    p.add_argument("--wd", type=float, default=d.wd, help="AdamW weight decay (not on gains, biases, logit scale)")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="linear lr warmup, in steps")
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max global grad norm (0: no clipping)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the model init and the data order")
-    # runtime
-    p.add_argument("--device", default=d.device, help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
-    # evaluation, logging, checkpoints
     p.add_argument("--out", default="out", help="output folder: checkpoint.pt, metrics.jsonl, config.json")
-    p.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate every N epochs (0: only at the end)")
-    p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (0: only at the end)")
-    p.add_argument("--log-every", type=int, default=d.log_every, help="log every N steps")
-    p.add_argument("--resume", default=d.resume, help="auto (from OUT/checkpoint.pt when present), none, or a path")
+    # everything else: the fields of Settings
+    for f in fields(Settings):
+        name, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if f.type is bool:
+            p.add_argument(name, action="store_true", help=help)
+        else:
+            p.add_argument(name, type=f.type, default=f.default, help=help + (f" (default: {f.default})" if f.default
+                                                                                 not in ("", 0) else ""))
     return p.parse_args(argv)
 
 

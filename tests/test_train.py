@@ -149,18 +149,24 @@ def test_metrics_match_a_brute_force_reference():
 
 def test_tiny_run_writes_checkpoint_metrics_and_config(tmp_path):
     model = tiny_model()
-    metrics = train.train(model, tiny_settings(), str(tmp_path))
-    assert metrics["step"] == 4 and metrics["samples_seen"] == 32
-    assert {"zeroshot_top1", "zeroshot_top5", "i2t_R@1", "t2i_R@10"} <= set(metrics)
+    metrics = train.train(model, tiny_settings(steps=6, num_samples=32), str(tmp_path))  # 4 steps per epoch
+    assert metrics["step"] == 6 and metrics["samples_seen"] == 48
+    assert {"loss", "clip_loss", "zeroshot_top1", "zeroshot_top5", "i2t_R@1", "t2i_R@10"} <= set(metrics)
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert ckpt["step"] == 4 and ckpt["config"] == model.cfg.to_dict() and ckpt["distill"] is None
+    assert ckpt["step"] == 6 and ckpt["config"] == model.cfg.to_dict() and ckpt["distill"] is None
     assert all(torch.equal(ckpt["model"][k], v) for k, v in model.state_dict().items())
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in records if "zeroshot_top1" in r] == [4, 6]  # after epoch 1, and at the end
     assert records[-1]["zeroshot_top1"] == metrics["zeroshot_top1"]
     config = json.load(open(tmp_path / "config.json"))
-    assert config["model"] == model.cfg.to_dict() and config["settings"]["steps"] == 4 and config["git"]
+    assert config["model"] == model.cfg.to_dict() and config["settings"]["steps"] == 6 and config["git"]
     assert not os.path.exists(tmp_path / "checkpoint.pt.tmp")
+    # a checkpoint of another model or another data stream is refused, not silently resumed
+    with pytest.raises(ValueError, match="another config"):
+        train.train(tiny_model(patch_size=8), tiny_settings(steps=6, num_samples=32), str(tmp_path))
+    with pytest.raises(ValueError, match="batch_size=8"):
+        train.train(tiny_model(), tiny_settings(steps=6, num_samples=32, batch_size=4), str(tmp_path))
 
 
 class Interrupt(Exception):
