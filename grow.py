@@ -2,53 +2,60 @@
 Weight growth for Chain-of-Models Pre-Training: a trained CLIP's weights -> the initial weights of a larger CLIP.
 
 CoM-PT (Fan et al., "Chain-of-Models Pre-Training", CVPR 2026, arXiv 2604.12391) trains a model family in
-ascending size, and starts every larger model from its trained predecessor: the paper's inverse knowledge transfer
-in the parameter space (its weight initialisation; the feature-space half is distill.py). Two operators, on
-open_clip state dicts (no "module." prefix). Derivations and measurements: notes/growth.md §1 and §3.
+ascending size and starts every larger model from its trained predecessor: inverse knowledge transfer in the
+parameter space (the paper's weight initialisation, Sec. 3; the feature-space half is distill.py). Two operators on
+open_clip state dicts (no "module." prefix). Derivations and measurements: notes/growth.md §1 (official) and §3.
 
 method="inherit" is the official code (deep-optimization/CoM-PT, main_kd.py `weight_initialization`), as it
 behaves. Each small tensor is copied into the leading slice of the big model's fresh tensor (scalar: copied;
-1-D [:a]; 2-D [:a, :b]; conv [:a]); when the image tower's depth doubles (the official `--differ-width`), small
-block i fills blocks 2i and 2i+1; text blocks keep their index; everything else keeps its fresh value. Its quirks
-are kept on purpose, since the paper's numbers come from them. The fused q/k/v rows of in_proj are copied as one
-block, so for 192 -> 384 the small k rows become the big q of heads 3-5, the small v rows become the big k of heads
-0-2, and the big v stays random. LayerNorm statistics then run over random new coordinates. About half of every
-tensor stays at its fresh value, and each doubled image block is applied twice. The grown model is not its
-predecessor's function. method="inherit_qkv" (an ablation, not the paper) places q, k and v each in its own block.
+1-D [:a]; 2-D [:a, :b]; conv [:a]). When the image tower's depth doubles (the official `--differ-width`), small
+block i fills blocks 2i and 2i+1. Text blocks keep their index. Everything else keeps its fresh value. The quirks
+stay, because the paper's numbers come from them:
+  - in_proj's fused q/k/v rows are copied as one block. For 192 -> 384 the small k rows become the big q of heads
+    3-5, the small v rows become the big k of heads 0-2, and the big v stays random;
+  - LayerNorm statistics run over the random new coordinates, and about half of every tensor stays fresh;
+  - each doubled image block is applied twice.
+So the grown model is not its predecessor's function. method="inherit_qkv" (an ablation, not the paper) places
+q, k and v each in its own block.
 
-method="lossless" is function-preserving: LEMON's expansion (Wang et al., ICLR 2024) with a residual scale in place
-of its LayerNorm eps edit (§3.3). For a width d -> D, k = D // d, r = D - k d, a = sqrt(D / (k d)), the residual
-stream x becomes x' = M x = a [x; ...; x (k copies); mean(x) (r times)], which has the same LayerNorm mean-removed
-variance, so every eps stays and LN'(x') is the small LN(x) on each copy and exactly 0 on the residue.
+method="lossless" is function-preserving. It is LEMON's expansion (Wang et al., ICLR 2024) with a residual scale
+instead of its LayerNorm eps edit (notes §3.3). For a width d -> D, k = D // d, r = D - k d, a = sqrt(D / (k d)),
+the residual stream x becomes x' = M x = a [x; ...; x (k copies); mean(x) (r times)]. Its mean-removed variance
+is that of x, so every eps stays, and LN'(x') is the small LN(x) on each copy and exactly 0 on the residue.
   writers (conv1, class/positional/token embeddings, rows of out_proj and c_proj): W -> M W
-  LayerNorms in the stream: gain gamma / a on the copies, bias beta; residue gain mean(gamma) / a, bias 0
-  readers (in_proj, c_fc, proj, text_projection): W -> W S^T / k + Z (I - P): each copy reads W / k plus zero-sum
-    noise, the residue columns (they read zeros) pure noise
-  heads (the head dim stays 64) and MLP units: unit u of the big model copies unit u mod n; the fan-out of a
-    duplicated unit is W / count plus zero-sum noise. Duplicates compute the same sum but get different gradients.
-    The plain equal split (Net2Net) never breaks that symmetry, so split_noise=0 is refused.
-  depth L -> L2: new blocks are spread after their sources (12 -> 24: 2i grows small block i, 2i+1 is new, the
-    official indices); a new block grows its source's readers and gets zero output projections (new_layers="zero")
-    or zero-sum random ones ("cancel", LEMON): either way an exact identity at step 0.
-  logit_scale and the shared embed dim are copied. Z ~ N(0, (split_noise / sqrt(fan_in))^2) from torch.Generator
-    (seed); all of it in float64. big_state only supplies keys, shapes, dtypes and the device here.
-The one inexact piece is the image tower's ln_pre: its output is the stream itself, whose residue coordinates
-should be a mean(gamma n + beta), and a LayerNorm can only put a constant there. So it is exact iff D % d == 0 or
-the ln_pre gain is constant (§3.4), which excludes base -> large (768 -> 1024) in general. Measured there (full
-size, float64, ln_pre gain 1 + 0.3 N(0, 1)): max |error| 1.1e-4 on the normalised image embeddings and 2.3e-4 on the
-logits at scale 100 (benchmarks/grow_bench.py). The text tower is exact at every width.
+  LayerNorms in the stream: gain gamma / a on the copies, bias beta; on the residue gain mean(gamma) / a, bias 0
+  readers (in_proj, c_fc, proj, text_projection): W -> W S^T / k + Z (I - P). Each copy reads W / k plus noise
+    that sums to zero over the copies; the residue columns read zeros, so they get pure noise
+  heads (the head dim stays 64) and MLP units: big unit u copies small unit u mod n, and the fan-out of a
+    duplicated unit is W / count plus zero-sum noise. Duplicates compute the same sum but get different
+    gradients. The plain equal split (Net2Net) never breaks that symmetry, so split_noise=0 is refused
+  depth L -> L2: new blocks are spread after their sources (12 -> 24: block 2i grows small block i and 2i+1 is
+    new, the official indices). A new block grows its source's readers and gets zero output projections
+    (new_layers="zero") or zero-sum random ones ("cancel", LEMON): an exact identity either way
+  logit_scale and the shared embed dim are kept.
+Z ~ N(0, (split_noise / sqrt(fan_in))^2) comes from a torch.Generator seeded with `seed`; the rules are computed in
+float64. big_state only supplies keys, shapes, dtypes and the device here.
 
-In another codebase, map your keys to these names and back (and drop non-persistent buffers):
+The one inexact piece is the image tower's ln_pre. Its output is the stream itself, whose residue coordinates
+should be a mean(gamma n + beta), and a LayerNorm can only put a constant there. So it is exact iff D % d == 0 or
+the ln_pre gain is constant (notes §3.4), which excludes base -> large (768 -> 1024) in general. Measured there at
+full size in float64, with every LayerNorm gain 1 + 0.3 N(0, 1) (benchmarks/grow_bench.py): max |error| 6.1e-4 on
+the normalised image embeddings and 8.2e-3 on the logits at scale 50; with a constant ln_pre gain, 4e-16. The
+text tower is exact at every width.
+
+In another codebase, map your keys to these names and back, and drop non-persistent buffers:
 
     big = BigModel(big_cfg)                                   # its own fresh init
     state = grow(small.state_dict(), big.state_dict(), small_cfg, big_cfg, method="lossless")
     big.load_state_dict(state)
 
-A GPT-style causal LM is the text tower: give configs without vision_* fields, rename wte -> token_embedding.weight,
-wpe -> positional_embedding, h.{i}.{ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj} ->
-transformer.resblocks.{i}.{ln_1, attn.in_proj_*, attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}, ln_f -> ln_final and
-lm_head.weight.T -> text_projection, with embed_dim = vocab_size. A tied head (lm_head is wte) is not covered by
-these rules: keep only token_embedding, and divide ln_final's weight and bias on the copies by k a (§3.7).
+A GPT-style causal LM is the text tower. Give configs without vision_* fields, e.g. dict(text_width=n_embd,
+text_layers=n_layer, text_heads=n_head, context_length=block_size, vocab_size=V, embed_dim=V), and rename
+wte -> token_embedding.weight, wpe -> positional_embedding, h.{i}.{ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc,
+mlp.c_proj} -> transformer.resblocks.{i}.{ln_1, attn.in_proj_*, attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj},
+ln_f -> ln_final, lm_head.weight.T -> text_projection (LayerNorms and linears with biases). A tied head
+(lm_head is wte) breaks the rule for text_projection: tie the head to the grown token_embedding, whose logits are
+k a times too large, and divide ln_final's weight and bias on the copies by k a to compensate (notes §3.7).
 """
 
 import math
