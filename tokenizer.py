@@ -101,7 +101,7 @@ class BPETokenizer:
 
     def __init__(self, bpe_path):
         lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")[1:self.vocab_size - 512 - 2 + 1]
-        merges = [tuple(line.split()) for line in lines]
+        merges = [tuple(line.split()) for line in lines if line]
         self.byte_encoder = bytes_to_unicode()
         vocab = list(self.byte_encoder.values())
         vocab += [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<start_of_text>", "<end_of_text>"]
@@ -110,6 +110,7 @@ class BPETokenizer:
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         self.ranks = {m: i for i, m in enumerate(merges)}
         self.sot, self.eot = self.encoder["<start_of_text>"], self.encoder["<end_of_text>"]
+        self.vocab_size = len(self.encoder)  # 49,408 with the full file
         self.pattern = _pattern()
         self.cache = {}  # token -> its merged pieces
 
