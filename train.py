@@ -65,7 +65,7 @@ class Settings:
     bpe: str = flag("", "CLIP BPE vocabulary file (bpe_simple_vocab_16e6.txt.gz); empty: the byte tokenizer")
     workers: int = flag(0, "data loading processes (0: load in the training process)")
     # optimisation
-    epochs: int = flag(1, "passes over the training data")
+    epochs: int = flag(8, "passes over the training data")
     steps: int = flag(0, "total optimizer steps; overrides --epochs (0: epochs x steps per epoch)")
     batch_size: int = flag(64, "image-text pairs per step and process")
     lr: float = flag(1e-3, "peak AdamW learning rate")
@@ -228,8 +228,8 @@ def embed(encode, inputs, device, batch_size=256):
 
 def evaluate(model, eval_sets, device):
     """Zero-shot top-1/top-5 and retrieval R@1/5/10 (fractions in [0, 1]) of `model` on data.build_eval_sets'
-    sets: "zeroshot" (image/label batches, prompt tokens [classes, templates, C]) and "retrieval" (batches of
-    images with k captions each, tokens [b, k, C])."""
+    sets: "zeroshot" (batches of images and labels, prompt tokens (classes, templates, C)) and "retrieval" (batches
+    of images and their k captions' tokens (b, k, C)). Each set's batches are read once."""
     was_training = model.training
     model.eval()
     out = {}
@@ -239,17 +239,15 @@ def evaluate(model, eval_sets, device):
         prompts = embed(model.encode_text, zs["tokens"].view(-1, C), device)  # (n_classes * n_templates, E)
         # a class is the mean of its normalised template embeddings, renormalised
         class_features = F.normalize(prompts.view(n_classes, n_templates, -1).mean(dim=1), dim=-1)  # (K, E)
-        images = torch.cat([embed(model.encode_image, x, device) for x, _ in zs["batches"]])
-        labels = torch.cat([y for _, y in zs["batches"]]).to(device)
-        top = zeroshot_accuracy(images, labels, class_features)
+        images, labels = zip(*[(embed(model.encode_image, x, device), y) for x, y in zs["batches"]])
+        top = zeroshot_accuracy(torch.cat(images), torch.cat(labels).to(device), class_features)
         out.update(zeroshot_top1=top[1], zeroshot_top5=top[5])
     if "retrieval" in eval_sets:
-        batches = eval_sets["retrieval"]["batches"]
-        images = torch.cat([embed(model.encode_image, x, device) for x, _ in batches])
-        texts = torch.cat([embed(model.encode_text, t.flatten(0, -2), device) for _, t in batches])
-        k = batches[0][1].shape[1]  # captions per image
-        text_image = torch.arange(len(images), device=device).repeat_interleave(k)
-        out.update(retrieval_recall(images, texts, text_image))
+        images, texts = zip(*[(embed(model.encode_image, x, device), embed(model.encode_text, t.flatten(0, 1), device)
+                               .view(*t.shape[:2], -1)) for x, t in eval_sets["retrieval"]["batches"]])
+        images, texts = torch.cat(images), torch.cat(texts)  # (N, E), (N, k, E): k captions per image
+        text_image = torch.arange(len(images), device=device).repeat_interleave(texts.shape[1])
+        out.update(retrieval_recall(images, texts.flatten(0, 1), text_image))
     model.train(was_training)
     return out
 
@@ -349,17 +347,17 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
         with open(metrics_path, "w") as f:
             f.writelines(kept)
 
-    def log(record, line):
+    def log(record, line, always):  # a metrics.jsonl record; its line on the console (steps: when no bar shows)
         if main_process:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            if not tty:
-                print(line, flush=True)
+            if always or not tty:
+                tqdm.write(line)
 
     def run_eval():
         metrics = evaluate(model, eval_sets, device) if main_process else {}
         log({"step": step, "epoch": step / steps_per_epoch, **metrics},
-            f"step {step} eval: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            f"step {step} eval: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()), always=True)
         return metrics
 
     bar = tqdm(total=total_steps, initial=step, disable=not tty, unit="step", dynamic_ncols=True)
@@ -382,17 +380,20 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
                           "logit_scale": model.logit_scale.exp().item(), "samples_per_s": speed}
                 bar.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{lr:.2e}", samples_s=f"{speed:.0f}")
                 log(record, f"step {step}/{total_steps} " + " ".join(f"{k} {v:.4g}" for k, v in record.items()
-                                                                     if k != "step"))
+                                                                     if k != "step"), always=False)
             if main_process and ((s.save_every and step % s.save_every == 0) or step == total_steps):
                 checkpoint()
             if step == total_steps:
                 break
         if step < total_steps and s.eval_every and (epoch + 1) % s.eval_every == 0:
+            t_eval = time.time()
             run_eval()
+            t_log += time.time() - t_eval  # samples/s counts training only
     bar.close()
     metrics = run_eval()
     return {"step": step, "samples_seen": step * s.batch_size * world_size,
-            "wall_time_s": wall_time + time.time() - t_start, **losses, **metrics}
+            "wall_time_s": wall_time + time.time() - t_start, **losses, **metrics,
+            "skipped": dict(train_data.skipped)}  # bad samples of this run, by kind
 
 
 # -----------------------------------------------------------------------------

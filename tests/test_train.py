@@ -143,6 +143,36 @@ def test_metrics_match_a_brute_force_reference():
                                            for i in range(50)) / 50)
 
 
+class Lookup(nn.Module):
+    """A stand-in CLIP: an image is its own feature vector; a caption's feature is row tokens[:, 0] of a table."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+
+    def encode_image(self, images):
+        return images
+
+    def encode_text(self, tokens):
+        return self.table[tokens[:, 0]]
+
+
+def test_evaluate_averages_normalised_templates_and_keeps_caption_order():
+    # zero-shot: class 0 prompts -> rows 0, 1; class 1 prompts -> rows 2, 3. The image (0.8, 0.6) of class 1 is
+    # class 1 only when templates are normalised before averaging: (0, 10) and (1, 0) -> (0.71, 0.71), while the
+    # raw mean (0.5, 5) points almost along y and loses to class 0's (1, 0).
+    table = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 10.0], [1.0, 0.0]])
+    zeroshot = dict(tokens=torch.arange(4).view(2, 2, 1), batches=iter([(torch.tensor([[0.8, 0.6]]), torch.tensor([1]))]))
+    assert train.evaluate(Lookup(table), {"zeroshot": zeroshot}, torch.device("cpu")) == \
+        {"zeroshot_top1": 1.0, "zeroshot_top5": 1.0}
+    # retrieval: 3 images in 2 batches, 2 captions each (rows i and 3 + i both point at image i)
+    table = torch.cat([torch.eye(3), 0.9 * torch.eye(3) + 0.1])
+    tokens = torch.stack([torch.arange(3), torch.arange(3, 6)], dim=1)[..., None]  # (3, 2, 1)
+    retrieval = dict(batches=iter([(torch.eye(3)[:2], tokens[:2]), (torch.eye(3)[2:], tokens[2:])]))
+    r = train.evaluate(Lookup(table), {"retrieval": retrieval}, torch.device("cpu"))
+    assert r == {f"{d}_R@{k}": 1.0 for d in ("i2t", "t2i") for k in (1, 5, 10)}
+
+
 # -----------------------------------------------------------------------------
 # end to end: run, checkpoint, resume, NaN stop, command-line errors
 
