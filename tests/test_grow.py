@@ -116,8 +116,9 @@ def corner_expected(small, fresh_big):
 
 def test_inherit_is_the_official_corner_copy_with_its_qkv_misplacement():
     (s_cfg, s), (b_cfg, b) = trained_like("tiny"), fresh("small")  # vision 192 -> 384, text 256 -> 384
+    b_before = {k: v.clone() for k, v in b.items()}
     out = grow.grow(s, b, s_cfg, b_cfg, method="inherit")
-    assert set(out) == set(b)
+    assert set(out) == set(b) and all(torch.equal(b[k], b_before[k]) for k in b)  # the fresh init is only read
     for key in b:  # equal depth: every key keeps its index
         assert torch.equal(out[key], corner_expected(s[key], b[key])), key
     # the fused q/k/v rows, one block: small k becomes q of heads 3-5, small v becomes k of heads 0-2, v is fresh
