@@ -53,15 +53,18 @@ class Settings:
     """The training flags of `python train.py` (each field is the flag --field-name), minus the model's shape, which
     the model's config fixes (image size, context length, tokenizer). Defaults suit the embedded synthetic data."""
     # data, passed through to data.py
-    data: str = flag("synthetic", "synthetic, a .csv/.tsv file, .tar shards (brace range or glob) or a folder of them")
-    data_root: str = flag("", "folder that the image paths of a csv/tsv are relative to")
+    data: str = flag("synthetic", "synthetic, a .csv/.tsv file, .tar shards (brace range or glob), or a folder of "
+                     "shards or of img2dataset files")
+    data_root: str = flag("", "folder the image paths of a csv/tsv are relative to (default: the csv's folder)")
     csv_img_key: str = flag("filepath", "csv/tsv column of the image paths")
-    csv_caption_key: str = flag("title", "csv/tsv column of the captions")
+    csv_caption_key: str = flag("title", "csv/tsv caption column(s), comma-separated")
+    caption_sep: str = flag("", "separator of several captions inside one caption field")
     captions_per_image: int = flag(1, "captions per image and step; the CLIP loss averages over them")
-    num_samples: int = flag(0, "samples per epoch (0: the whole source)")
-    zeroshot_data: str = flag("", "zero-shot classification set: a folder with one sub-folder per class")
-    val_data: str = flag("", "retrieval validation set, same formats as --data")
-    templates: str = flag("", "zero-shot prompt templates")
+    num_samples: int = flag(0, "samples per epoch (0: the whole source; synthetic: 10000)")
+    zeroshot_data: str = flag("", "zero-shot classification set, an ImageFolder: <dir>/<class name>/<image>")
+    val_data: str = flag("", "retrieval set: synthetic or a source of the --data kinds (synthetic data: its own)")
+    templates: str = flag("", "file of zero-shot prompts, one a line with {} for the class name (default: 7 "
+                          "open_clip prompts for --zeroshot-data, 3 for synthetic)")
     bpe: str = flag("", "CLIP BPE vocabulary file (bpe_simple_vocab_16e6.txt.gz); empty: the byte tokenizer")
     workers: int = flag(0, "data loading processes (0: load in the training process)")
     # optimisation
@@ -303,10 +306,10 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
     device = pick_device(s.device)
     tokenizer = data.get_tokenizer(cfg.tokenizer, s.bpe or None)  # the model's config names its tokenizer
     shape = dict(tokenizer=tokenizer, image_size=cfg.image_size, context_length=cfg.context_length)
-    train_data = data.build_train_data(
-        s.data, **shape, batch_size=s.batch_size, workers=s.workers, seed=s.seed, rank=rank, world_size=world_size,
-        num_samples=s.num_samples or None, data_root=s.data_root or None, csv_img_key=s.csv_img_key,
-        csv_caption_key=s.csv_caption_key, captions_per_image=s.captions_per_image)
+    source = dict(data_root=s.data_root or None, csv_img_key=s.csv_img_key, csv_caption_key=s.csv_caption_key,
+                  caption_sep=s.caption_sep or None, captions_per_image=s.captions_per_image, workers=s.workers)
+    train_data = data.build_train_data(s.data, **shape, **source, batch_size=s.batch_size, seed=s.seed, rank=rank,
+                                       world_size=world_size, num_samples=s.num_samples or None)
     steps_per_epoch = train_data.steps_per_epoch
     total_steps = s.steps or s.epochs * steps_per_epoch
 
@@ -320,11 +323,12 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
     amp = autocast(device)
 
     # resume from out/checkpoint.pt when present ("auto"), from a given file, or not at all ("none")
-    os.makedirs(out_dir, exist_ok=True)
     ckpt_path = os.path.join(out_dir, "checkpoint.pt")
     resume = {"auto": ckpt_path if os.path.exists(ckpt_path) else None, "none": None}.get(s.resume, s.resume)
     step, wall_time = load_checkpoint(resume, model, optimizer, distill, s, device) if resume else (0, 0.0)
-    eval_sets = data.build_eval_sets(s.data, **shape) if main_process else {}
+    eval_sets = data.build_eval_sets(s.data, **shape, **source, zeroshot_data=s.zeroshot_data or None,
+                                     val_data=s.val_data or None, templates=s.templates or None) if main_process else {}
+    os.makedirs(out_dir, exist_ok=True)
     t_start = time.time()
 
     def checkpoint():

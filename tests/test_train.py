@@ -273,10 +273,11 @@ def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path):
     (["--lr", "0"], "--lr"),
     (["--data", "/nonexistent/train.csv"], "/nonexistent/train.csv"),
     (["--resume", "/nonexistent/ckpt.pt"], "/nonexistent/ckpt.pt"),
+    (["--zeroshot-data", "/nonexistent/imagenet"], "/nonexistent/imagenet"),
 ])
 def test_bad_input_is_one_line_before_any_work(argv, culprit, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(argv + ["--out", str(tmp_path / "run"), "--device", "cpu"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: ") and culprit in err and err.count("\n") == 1
-    assert not os.path.exists(tmp_path / "run" / "checkpoint.pt")
+    assert not os.path.exists(tmp_path / "run")
