@@ -1,0 +1,76 @@
+"""
+Growth at step 0: train a CPU-scale CLIP on the synthetic set, grow it to the next size with each method of grow.py,
+and evaluate every grown model before it takes a single training step, next to its predecessor and to a fresh init.
+Lossless growth should reproduce the predecessor's numbers; the official operator (inherit) shows what it loses.
+
+The predecessor is trained with train.py's defaults for synthetic data (32 px, patch 4, 48 tokens, byte tokenizer)
+into OUT/SMALL; a finished run there is reused. Evaluation: train.evaluate on data.build_eval_sets("synthetic")
+(48-class zero-shot, 500-image retrieval with 5 captions each), plus the CLIP loss on the retrieval pairs
+(first caption of each image).
+
+    python benchmarks/grow_step0.py                                  # cpu-tiny -> cpu-small
+    python benchmarks/grow_step0.py --small cpu-small --big cpu-base
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import data  # noqa: E402
+import grow  # noqa: E402
+import train  # noqa: E402
+import vit  # noqa: E402
+from clip_loss import clip_loss  # noqa: E402
+
+parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+parser.add_argument("--small", default="cpu-tiny", help=f"predecessor size: {', '.join(vit.SIZES)}")
+parser.add_argument("--big", default="cpu-small", help="successor size")
+parser.add_argument("--steps", type=int, default=1000, help="training steps of the predecessor")
+parser.add_argument("--batch-size", type=int, default=64, help="image-text pairs per training step")
+parser.add_argument("--seed", type=int, default=0, help="seed of the inits, the data order and the growth noise")
+parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+parser.add_argument("--out", default="runs/grow_step0", help="output folder: the predecessor's run, step0.json")
+args = parser.parse_args()
+
+tokenizer = data.get_tokenizer("byte")
+shape = dict(image_size=data.SYNTHETIC_IMAGE_SIZE, patch_size=4, context_length=data.SYNTHETIC_CONTEXT_LENGTH,
+             vocab_size=tokenizer.vocab_size, tokenizer=tokenizer.name)
+small_cfg, big_cfg = vit.config(args.small, **shape), vit.config(args.big, **shape)
+device = train.pick_device(args.device)
+
+torch.manual_seed(args.seed)
+small = vit.CLIP(small_cfg)
+settings = train.Settings(steps=args.steps, batch_size=args.batch_size, seed=args.seed, device=args.device,
+                          eval_every=0, save_every=0, log_every=100)
+train.train(small, settings, os.path.join(args.out, args.small))  # resumes (and so skips) a finished run
+
+torch.manual_seed(args.seed + 1)
+fresh = vit.CLIP(big_cfg)  # the successor's own init, which supplies what the predecessor does not cover
+models = {f"{args.small} (trained predecessor)": small, f"{args.big}, fresh init": fresh}
+for method in ("inherit", "inherit_qkv", "lossless"):
+    model = vit.CLIP(big_cfg)
+    model.load_state_dict(grow.grow(small.state_dict(), fresh.state_dict(), small_cfg, big_cfg, method, args.seed))
+    models[f"{args.big}, grown: {method}"] = model
+
+eval_sets = data.build_eval_sets("synthetic", tokenizer=tokenizer, image_size=small_cfg.image_size,
+                                 context_length=small_cfg.context_length)
+results = {}
+for name, model in models.items():
+    model.to(device).eval()
+    with torch.no_grad():
+        batches = eval_sets["retrieval"]["batches"]
+        loss = sum(clip_loss(*model(x.to(device), t[:, 0].to(device))).item() * len(x) for x, t in batches)
+    results[name] = {"clip_loss": loss / sum(len(x) for x, _ in batches), **train.evaluate(model, eval_sets, device)}
+
+columns = ["clip_loss", "zeroshot_top1", "zeroshot_top5", "i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5"]
+print(f"\nstep 0 after growth; predecessor trained {args.steps} steps x {args.batch_size} (seed {args.seed})\n")
+print("| model | CLIP loss | zero-shot top-1 | top-5 | I->T R@1 | R@5 | T->I R@1 | R@5 |")
+print("| --- |" + " ---: |" * len(columns))
+for name, metrics in results.items():
+    cells = [f"{metrics['clip_loss']:.3f}"] + [f"{100 * metrics[c]:.1f}" for c in columns[1:]]
+    print(f"| {name} | " + " | ".join(cells) + " |")
+with open(os.path.join(args.out, "step0.json"), "w") as f:
+    json.dump({"args": vars(args), "results": results}, f, indent=2)
