@@ -268,7 +268,8 @@ def test_grown_model_trains_below_its_predecessor():
 def test_deterministic_for_a_seed():
     (s_cfg, s), (b_cfg, b) = trained_like("cpu-tiny"), fresh("cpu-small")
     one, two, other = (grow.grow(s, b, s_cfg, b_cfg, seed=seed) for seed in (0, 0, 1))
-    assert all(torch.equal(one[k], two[k]) for k in one)
+    as_dicts = grow.grow(s, b, s_cfg.to_dict(), b_cfg.to_dict())  # configs as plain dicts
+    assert all(torch.equal(one[k], two[k]) and torch.equal(one[k], as_dicts[k]) for k in one)
     assert not torch.equal(one["visual.proj"], other["visual.proj"])
 
 
