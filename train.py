@@ -172,11 +172,11 @@ class Objective(nn.Module):
         return losses
 
 
-def train_step(objective, optimizer, images, tokens, lr, grad_clip, amp, teacher=None):
+def train_step(objective, optimizer, images, tokens, lr, grad_clip, teacher=None):
     """One optimizer step on one batch; returns the loss terms as floats ("loss" is their sum)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    with amp:
+    with autocast(images.device):
         teacher_features = None
         if teacher is not None:
             with torch.no_grad():
@@ -320,7 +320,6 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
         distill.to(device).train()
     objective = Objective(model, distill)
     optimizer = make_optimizer(model, s, device, distill)
-    amp = autocast(device)
 
     # resume from out/checkpoint.pt when present ("auto"), from a given file, or not at all ("none")
     ckpt_path = os.path.join(out_dir, "checkpoint.pt")
@@ -371,7 +370,7 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
         for images, tokens in train_data.batches(epoch, first):
             images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
             lr = lr_at(step, total_steps, s.warmup, s.lr)
-            losses = train_step(objective, optimizer, images, tokens, lr, s.grad_clip, amp, teacher)
+            losses = train_step(objective, optimizer, images, tokens, lr, s.grad_clip, teacher)
             if not math.isfinite(losses["loss"]):
                 raise FloatingPointError(f"non-finite loss {losses} at step {step + 1}: run stopped; the last good "
                                          f"checkpoint is {ckpt_path} (try a lower --lr, keep --grad-clip on)")

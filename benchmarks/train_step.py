@@ -44,7 +44,6 @@ model.set_grad_checkpointing(args.grad_checkpointing)
 settings = train.Settings()
 objective = train.Objective(model)
 optimizer = train.make_optimizer(model, settings, device)
-amp = train.autocast(device)
 
 images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
 tokens = torch.randint(1, args.vocab_size - 1, (args.batch_size, args.context_length), device=device)
@@ -52,7 +51,7 @@ tokens[:, args.context_length // 4] = args.vocab_size - 1  # end-of-text token (
 
 
 def step():
-    train.train_step(objective, optimizer, images, tokens, settings.lr, settings.grad_clip, amp)  # syncs (.tolist())
+    train.train_step(objective, optimizer, images, tokens, settings.lr, settings.grad_clip)  # syncs (.tolist())
 
 
 for _ in range(args.warmup):
