@@ -301,6 +301,10 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
     check_settings(s)
     if (teacher is None) != (distill is None):
         raise ValueError("train() needs both a teacher and a distillation module, or neither")
+    for key in ("image_size", "context_length", "vocab_size", "tokenizer") if teacher is not None else ():
+        if getattr(teacher.cfg, key) != getattr(cfg, key):  # the teacher sees the student's batches
+            raise ValueError(f"teacher {key} {getattr(teacher.cfg, key)!r} differs from the student's "
+                             f"{getattr(cfg, key)!r}; give both the same data shape")
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     main_process = rank == 0  # the one that writes files, logs and evaluates
     device = pick_device(s.device)

@@ -266,6 +266,13 @@ def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path):
     assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
+def test_teacher_must_see_the_same_batches(tmp_path):
+    with pytest.raises(ValueError, match="context_length 24"):
+        train.train(tiny_model(), tiny_settings(), str(tmp_path), teacher=tiny_model(1, context_length=24),
+                    distill=FeatureDistill(512, 512))
+    assert not os.path.exists(tmp_path / "checkpoint.pt")
+
+
 @pytest.mark.parametrize("argv,culprit", [
     (["--size", "huge"], "cpu-tiny"),
     (["--batch-size", "0"], "--batch-size"),
