@@ -21,9 +21,9 @@ export, `export_open_clip(model, cfg, out_dir)`, writes what open_clip's `local-
   which are vit.CLIP's semantics) and "preprocess_cfg" (CLIP mean/std, bicubic, resize shortest side + center
   crop), and open_clip_pytorch_model.bin (the bare state dict). Then, with no conversion,
       model, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + out_dir)
-  and `clip_benchmark eval --model local-dir:OUT_DIR ...` load it. open_clip's loader takes the first *.safetensors,
-  *.bin or *.pth it finds, so give the export a folder of its own. Our CLIPConfig is kept beside open_clip's keys
-  (under "clip_config"; open_clip ignores it) so that the folder loads back here exactly.
+  and `clip_benchmark eval --model local-dir:OUT_DIR ...` load it. open_clip's loader prefers any *.safetensors
+  over our .bin and picks among *.bin / *.pth by name, so give the export a folder of its own. Our CLIPConfig is
+  kept beside open_clip's keys (under "clip_config"; open_clip ignores it) so that the folder loads back exactly.
 
 Tokenizer: open_clip (and so CLIP_benchmark) tokenizes with OpenAI's CLIP BPE. Only a model trained with
 tokenizer "clip-bpe" works end to end there; a model trained with the byte tokenizer loads in open_clip and its
@@ -133,7 +133,8 @@ def _torch_load(path):
         if found:
             raise ValueError(f"{path}: holds a {found.group(1)} object, which torch.load(weights_only=True) refuses; "
                              "load it where it was written and save its model.state_dict() alone") from None
-        raise ValueError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:100]})") from None
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+        raise ValueError(f"{path}: not a PyTorch checkpoint ({why})") from None
 
 
 def load_state_dict_any(path):
