@@ -82,7 +82,7 @@ class Settings:
     # evaluation, logging, checkpoints
     eval_every: int = flag(1, "evaluate every N epochs, and at the end (0: only at the end)")
     save_every: int = flag(1000, "checkpoint every N steps, and at the end (0: only at the end)")
-    log_every: int = flag(10, "log the losses every N steps")
+    log_every: int = flag(50, "log the losses every N steps")
     resume: str = flag("auto", "auto (from OUT/checkpoint.pt when present), none (start over) or a checkpoint path")
 
 
@@ -284,6 +284,9 @@ def load_checkpoint(path, model, optimizer, distill, settings, device):
         if ckpt["settings"][key] != getattr(settings, key):
             raise ValueError(f"checkpoint {path} was trained with {key}={ckpt['settings'][key]!r}, not "
                              f"{getattr(settings, key)!r}; resume with the same value, or use another --out")
+    if (ckpt["distill"] is None) != (distill is None):
+        raise ValueError(f"checkpoint {path} was trained {'without' if distill is not None else 'with'} a teacher; "
+                         f"resume it the same way, or use another --out")
     model.load_state_dict(ckpt["model"])
     if distill is not None:
         distill.load_state_dict(ckpt["distill"])
