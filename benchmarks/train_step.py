@@ -31,6 +31,7 @@ parser.add_argument("--warmup", type=int, default=2, help="untimed steps before 
 parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
 parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
 parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+parser.add_argument("--grad-clip", type=float, default=1.0, help="train.py's clipping norm (0: off, open_clip's default)")
 args = parser.parse_args()
 if args.threads > 0:
     torch.set_num_threads(args.threads)
@@ -51,7 +52,7 @@ tokens[:, args.context_length // 4] = args.vocab_size - 1  # end-of-text token (
 
 
 def step():
-    train.train_step(objective, optimizer, images, tokens, settings.lr, settings.grad_clip)  # syncs (.tolist())
+    train.train_step(objective, optimizer, images, tokens, settings.lr, args.grad_clip)  # syncs (.tolist())
 
 
 for _ in range(args.warmup):
