@@ -7,8 +7,8 @@ good and bad samples.
 The paper (CoM-PT, Fan et al. 2026) trains on CC3M; the chain itself does not depend on the data, so the
 default source is `synthetic`: procedurally drawn pictures of coloured shapes with captions, needing no
 files. It is meant to be learnable but not trivial: captions bind colour to shape, give size and position,
-and for two-object pictures a spatial relation, each in five paraphrases; small shapes are 6-9 px at
-32 px, colours are jittered on a noisy background. Raw-pixel nearest neighbours stay far from solving it.
+and for two-object pictures a spatial relation, each in five paraphrases; small shapes are 8-10 px wide
+at 32 px, colours are jittered on a noisy background. Raw-pixel nearest neighbours stay far from solving it.
 
 Real sources, named by one string: a .csv/.tsv in open_clip's layout (delimiter sniffed; image paths
 relative to data_root, default the CSV's folder; several caption columns "a,b" and/or a separator inside
@@ -88,8 +88,8 @@ CLASSNAMES = [f"{c} {s}" for c in COLOURS for s in SHAPES]  # zero-shot classes:
 TEMPLATES = ("a {}", "a small {}", "a large {}")  # zero-shot prompts, averaged per class as CLIP does
 _POSITIONS = ("at the top left", "at the top", "at the top right", "on the left", "in the center",
               "on the right", "at the bottom left", "at the bottom", "at the bottom right")  # a 3 x 3 grid
-_ONE = ("a {size} {c} {s} {pos}", "{pos2}: a {size} {c} {s}", "a {c} {s}, {size}, {pos}",
-        "{size} {c} {s} {pos}", "a {size} {s} in {c} {pos}")
+_ONE = ("a {size} {c} {s} {pos}", "{pos2}: a {size} {c} {s}", "{c} {s}, {size}, {pos}",
+        "a {size} {c} {s}", "a {c} {s}")  # without position, colour and size alone rarely tell pictures apart
 _TWO = ("a {c} {s} {rel} a {c2} {s2}", "a {c2} {s2} {inv} a {c} {s}", "{c} {s} {rel} {c2} {s2}",
         "{s} in {c} {rel} {s2} in {c2}", "{c2} {s2} {inv} {c} {s}")
 _RELATIONS = {"left of": ((-1, 0), "right of"), "right of": ((1, 0), "left of"),
@@ -143,7 +143,7 @@ def synthetic_sample(seed, split, index, image_size=SYNTHETIC_IMAGE_SIZE, two_ob
         two_objects = split != "zeroshot" and rng.random() < 0.4
     if not two_objects:
         large = rng.random() < 0.5
-        r = S * (rng.uniform(0.19, 0.25) if large else rng.uniform(0.1, 0.14))
+        r = S * (rng.uniform(0.2, 0.26) if large else rng.uniform(0.12, 0.16))
         p = int(rng.integers(len(_POSITIONS)))  # anywhere in its cell of the grid
         cx, cy = np.clip((np.array([p % 3, p // 3]) + rng.uniform(0.15, 0.85, 2)) * S / 3, r, S - r)
         _draw_shape(draw, SHAPES[s], cx, cy, r, rgb)
@@ -162,7 +162,7 @@ def synthetic_sample(seed, split, index, image_size=SYNTHETIC_IMAGE_SIZE, two_ob
         along = rng.uniform(0.22, 0.35, 2)  # distance from the centre line along the relation's axis
         across = rng.uniform(0.35, 0.65, 2)
         for k, (cc, ss, sign) in enumerate(((rgb, s, 1), (rgb2, s2, -1))):
-            r = S * rng.uniform(0.1, 0.16)
+            r = S * rng.uniform(0.11, 0.16)
             a = 0.5 + sign * (dx + dy) * along[k]
             fx, fy = (a, across[k]) if dx else (across[k], a)
             _draw_shape(draw, SHAPES[ss], fx * S, fy * S, r, cc)
@@ -336,7 +336,8 @@ def expand_shards(source):
     if os.path.isdir(source):
         paths = glob.glob(os.path.join(source, "*.tar"))
     else:
-        paths = [p for pattern in braces(source) for p in (glob.glob(pattern) if set("*?[") & set(pattern) else [pattern])]
+        patterns = braces(source)
+        paths = [p for pat in patterns for p in (glob.glob(pat) if set("*?[") & set(pat) else [pat])]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing or not paths:
         raise FileNotFoundError(f"data {source!r}: {missing[0] + ' not found' if missing else 'no .tar shards found'} "
@@ -739,9 +740,10 @@ def build_eval_sets(source="synthetic", *, tokenizer, image_size, context_length
 
     Synthetic source: both held out from training (other seeds of the generator), in memory (lists): 960
     one-object pictures, 20 per class of the 48 colour-shape classes, prompts TEMPLATES; 500 pictures with
-    their 5 captions. zeroshot_data: an ImageFolder (prompts SIMPLE_TEMPLATES, or `templates`: a list or a
-    file); val_data: any caption source, k = captions_per_image. Real sets are EvalBatches, read from disk
-    at each pass (iterate them once per evaluation), with bad samples left out and counted in .skipped.
+    3 captions each (the paraphrases that describe the whole picture). zeroshot_data: an ImageFolder
+    (prompts SIMPLE_TEMPLATES, or `templates`: a list or a file); val_data: any caption source, with
+    k = captions_per_image. Real sets are EvalBatches, read from disk at each pass (iterate them once per
+    evaluation), with bad samples left out and counted in .skipped.
     """
     if isinstance(tokenizer, str):
         tokenizer = get_tokenizer(tokenizer)
@@ -767,7 +769,7 @@ def build_eval_sets(source="synthetic", *, tokenizer, image_size, context_length
     elif source == "synthetic" or val_data == "synthetic":
         rt = [synthetic_sample(seed, "retrieval", i, image_size) for i in range(500)]
         images = torch.stack([tf(im) for im, _, _ in rt])
-        tokens = torch.stack([tokenizer(caps, context_length) for _, caps, _ in rt])  # (500, 5, C)
+        tokens = torch.stack([tokenizer(caps[:3], context_length) for _, caps, _ in rt])  # (500, 3, C): full ones
         sets["retrieval"] = dict(batches=list(zip(images.split(batch_size), tokens.split(batch_size))))
     return sets
 
@@ -793,7 +795,7 @@ def main(argv=None):
                                             "its good and bad samples by kind, without training")
     p.add_argument("command", choices=["check"])
     p.add_argument("source", help="a .csv/.tsv, a .tar, a brace range or glob of shards, or a folder")
-    p.add_argument("--data-root", default=None, help="folder the CSV's image paths are relative to (default: the CSV's)")
+    p.add_argument("--data-root", default=None, help="folder the CSV's image paths are relative to (default: its own)")
     p.add_argument("--csv-img-key", default="filepath", help="CSV column of the image paths")
     p.add_argument("--csv-caption-key", default="title", help="CSV caption column(s), comma-separated")
     p.add_argument("--caption-sep", default=None, help="separator of several captions inside one caption field")

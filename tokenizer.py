@@ -149,7 +149,8 @@ class BPETokenizer:
 
     def decode(self, ids):
         text = "".join(self.decoder[i] for i in ids if i not in (self.sot, self.eot))
-        return bytearray(self.byte_decoder[c] for c in text).decode("utf-8", errors="replace").replace("</w>", " ").strip()
+        text = bytearray(self.byte_decoder[c] for c in text).decode("utf-8", errors="replace")
+        return text.replace("</w>", " ").strip()
 
     def __call__(self, texts, context_length):
         return _pack([self.encode(t) for t in _as_list(texts)], self.sot, self.eot, context_length)

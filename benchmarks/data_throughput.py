@@ -26,8 +26,10 @@ import data  # noqa: E402
 def photo(rng, width, height):
     """A photo-like JPEG: smooth colour gradients, a few shapes, sensor noise (about 15-40 KB at 256 px)."""
     y, x = np.mgrid[0:height, 0:width] / max(width, height)
-    base = rng.uniform(0, 255, (3, 1, 1)) + rng.uniform(-120, 120, (3, 1, 1)) * x + rng.uniform(-120, 120, (3, 1, 1)) * y
-    image = Image.fromarray(np.clip(base.transpose(1, 2, 0) + rng.normal(0, 6, (height, width, 3)), 0, 255).astype(np.uint8))
+    slope_x, slope_y = rng.uniform(-120, 120, (2, 3, 1, 1))
+    base = rng.uniform(0, 255, (3, 1, 1)) + slope_x * x + slope_y * y
+    pixels = base.transpose(1, 2, 0) + rng.normal(0, 6, (height, width, 3))
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
     for _ in range(6):
         x0, y0 = rng.uniform(0, width), rng.uniform(0, height)
@@ -83,10 +85,11 @@ def main():
         kb = write_dataset(root, args.images, args.source_size) / 1024
         print(f"{args.images} JPEGs of {args.source_size} px shorter edge ({kb:.0f} KB on average), "
               f"{args.image_size} px crops, batch {args.batch_size}, {args.workers} workers, {os.cpu_count()} CPUs")
-        for name, source in (("img2dataset shards", os.path.join(root, "{00000..%05d}.tar" % ((args.images - 1) // 256))),
-                             ("CSV + files", os.path.join(root, "train.tsv"))):
+        shards = os.path.join(root, "{00000..%05d}.tar" % ((args.images - 1) // 256))
+        for name, source in (("img2dataset shards", shards), ("CSV + files", os.path.join(root, "train.tsv"))):
             print(f"{name:20s} {rate(source, args, image_size=args.image_size):7.0f} images/s")
-        print(f"{'synthetic (32 px)':20s} {rate('synthetic', args, image_size=32, num_samples=args.images):7.0f} images/s")
+        synthetic = rate("synthetic", args, image_size=32, num_samples=args.images)
+        print(f"{'synthetic (32 px)':20s} {synthetic:7.0f} images/s")
 
 
 if __name__ == "__main__":

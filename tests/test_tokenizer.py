@@ -87,6 +87,7 @@ def test_bpe_matches_open_clip():
     tok, ref = get_tokenizer("clip-bpe"), open_clip.get_tokenizer("ViT-B-16")
     assert tok.vocab_size == 49408 and (tok.sot, tok.eot) == (49406, 49407)
     texts = ["a photo of a cat.", "Actor attends the premiere of the film at the festival", "It's 2024, isn't it?!",
-             "  tabs\tand\nnewlines  ", "&amp; &lt;b&gt; x_y__z a_!b 3.14", "café naïve ½ ² Ⅷ 日本語", "word " * 100]
+             "  tabs\tand\nnewlines  ", "&amp; &lt;b&gt; x_y__z a_!b 3.14", "café naïve ½ ² Ⅷ 日本語",
+             "word " * 100]
     assert torch.equal(tok(texts, 77), ref(texts, 77))
     assert tok.decode(tok.encode("a photo of a cat")) == "a photo of a cat"
