@@ -65,7 +65,7 @@ class Settings:
     val_data: str = flag("", "retrieval set: synthetic or a source of the --data kinds (synthetic data: its own)")
     templates: str = flag("", "file of zero-shot prompts, one a line with {} for the class name (default: 7 "
                           "open_clip prompts for --zeroshot-data, 3 for synthetic)")
-    bpe: str = flag("", "CLIP BPE vocabulary file (bpe_simple_vocab_16e6.txt.gz); empty: the byte tokenizer")
+    bpe: str = flag("", "CLIP BPE vocabulary file (bpe_simple_vocab_16e6.txt.gz) for --tokenizer clip-bpe")
     workers: int = flag(0, "data loading processes (0: load in the training process)")
     # optimisation
     epochs: int = flag(8, "passes over the training data")
@@ -419,6 +419,8 @@ def parse_args(argv=None):
     p.add_argument("--patch-size", type=int, default=0, help="ViT patch size in pixels (0: 4 for synthetic, else 16)")
     p.add_argument("--context-length", type=int, default=0, help="text length in tokens, start and end included "
                    f"(0: {data.SYNTHETIC_CONTEXT_LENGTH} for synthetic data, else 77)")
+    p.add_argument("--tokenizer", default="", choices=["", "byte", "clip-bpe"], help="byte or clip-bpe (default: "
+                   "byte for synthetic data, else clip-bpe, whose vocabulary comes from --bpe or an installed open_clip)")
     p.add_argument("--out", default="out", help="output folder: checkpoint.pt, metrics.jsonl, config.json")
     # everything else: the fields of Settings
     for f in fields(Settings):
@@ -437,7 +439,8 @@ def main(argv=None):
     synthetic = args.data == "synthetic"  # small pictures, short captions; real data gets CLIP's 224 px and 77 tokens
     try:
         check_settings(settings)
-        tokenizer = data.get_tokenizer("clip-bpe" if settings.bpe else "byte", settings.bpe or None)
+        name = args.tokenizer or ("clip-bpe" if settings.bpe or not synthetic else "byte")
+        tokenizer = data.get_tokenizer(name, settings.bpe or None)
         cfg = vit.config(args.size, image_size=args.image_size or (data.SYNTHETIC_IMAGE_SIZE if synthetic else 224),
                          patch_size=args.patch_size or (4 if synthetic else 16),
                          context_length=args.context_length or (data.SYNTHETIC_CONTEXT_LENGTH if synthetic else 77),

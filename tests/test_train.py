@@ -278,7 +278,7 @@ def test_teacher_must_see_the_same_batches(tmp_path):
     (["--batch-size", "0"], "--batch-size"),
     (["--steps", "-3"], "--steps"),
     (["--lr", "0"], "--lr"),
-    (["--data", "/nonexistent/train.csv"], "/nonexistent/train.csv"),
+    (["--data", "/nonexistent/train.csv", "--tokenizer", "byte"], "/nonexistent/train.csv"),
     (["--resume", "/nonexistent/ckpt.pt"], "/nonexistent/ckpt.pt"),
     (["--zeroshot-data", "/nonexistent/imagenet"], "/nonexistent/imagenet"),
 ])
