@@ -379,8 +379,9 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
             lr = lr_at(step, total_steps, s.warmup, s.lr)
             losses = train_step(objective, optimizer, images, tokens, lr, s.grad_clip, teacher)
             if not math.isfinite(losses["loss"]):
-                raise FloatingPointError(f"non-finite loss {losses} at step {step + 1}: run stopped; the last good "
-                                         f"checkpoint is {ckpt_path} (try a lower --lr, keep --grad-clip on)")
+                last = ckpt_path if os.path.exists(ckpt_path) else "none written yet"
+                raise FloatingPointError(f"non-finite loss {losses} at step {step + 1}: run stopped; last good "
+                                         f"checkpoint: {last} (try a lower --lr, keep --grad-clip on)")
             step += 1
             bar.update()
             if step % s.log_every == 0 or step == total_steps:
