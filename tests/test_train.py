@@ -36,19 +36,28 @@ def batch(cfg, n=8, seed=0):
 # optimisation
 
 
+class Spy(FeatureDistill):
+    """FeatureDistill that records whether the teacher features it gets carry an autograd graph."""
+
+    def forward(self, s_img, s_txt, t_img, t_txt):
+        self.teacher_graph = t_img.requires_grad or t_txt.requires_grad
+        return super().forward(s_img, s_txt, t_img, t_txt)
+
+
 def test_every_parameter_gets_a_gradient_and_the_teacher_none():
     student, teacher = tiny_model(0, embed_dim=32), tiny_model(1)
-    distill = FeatureDistill(32, teacher.cfg.embed_dim)  # different dims: a trained projector
+    distill = Spy(32, teacher.cfg.embed_dim)  # different dims: a trained projector
     objective = train.Objective(student, distill)
-    images, tokens = batch(student.cfg)
-    with torch.no_grad():
-        t_feats = (teacher.encode_image(images), teacher.encode_text(tokens))
-    losses = objective(images, tokens, t_feats)
-    assert set(losses) == {"clip_loss", "fd_loss"}
-    sum(losses.values()).backward()
-    for name, p in objective.named_parameters():
+    optimizer = train.make_optimizer(student, tiny_settings(), torch.device("cpu"), distill)
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    losses = train.train_step(objective, optimizer, *batch(student.cfg), 1e-3, 1.0, teacher)
+    assert set(losses) == {"loss", "clip_loss", "fd_loss"} and losses["fd_loss"] > 0
+    assert losses["loss"] == pytest.approx(losses["clip_loss"] + losses["fd_loss"])
+    for name, p in objective.named_parameters():  # the student's and the projector's
         assert p.grad is not None and p.grad.abs().sum() > 0 and torch.isfinite(p.grad).all(), name
+    assert distill.teacher_graph is False  # the teacher ran under no_grad
     assert all(p.grad is None for p in teacher.parameters())
+    assert all(torch.equal(v, teacher_before[k]) for k, v in teacher.state_dict().items())
 
 
 def test_param_groups_follow_open_clip():
