@@ -101,12 +101,11 @@ def check_settings(s):
 
 
 def pick_device(name):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    name = next(d for d in available if available[d]) if name == "auto" else name  # cuda, else mps, else cpu
     if not available.get(name.split(":")[0]):
-        raise ValueError(f"--device {name} is not available here; use auto, cpu" +
-                         "".join(f", {d}" for d in ("cuda", "mps") if available[d]))
+        raise ValueError(f"--device {name} is not available here; use one of: auto, "
+                         + ", ".join(d for d in available if available[d]))
     return torch.device(name)
 
 
@@ -440,6 +439,8 @@ def main(argv=None):
     synthetic = args.data == "synthetic"  # small pictures, short captions; real data gets CLIP's 224 px and 77 tokens
     try:
         check_settings(settings)
+        if min(args.image_size, args.patch_size, args.context_length) < 0:
+            raise ValueError("--image-size, --patch-size and --context-length must be positive (0: the data's default)")
         name = args.tokenizer or ("clip-bpe" if settings.bpe or not synthetic else "byte")
         tokenizer = data.get_tokenizer(name, settings.bpe or None)
         cfg = vit.config(args.size, image_size=args.image_size or (data.SYNTHETIC_IMAGE_SIZE if synthetic else 224),
