@@ -1,0 +1,139 @@
+"""Tests of chain.py: order check, cost ledger against the paper's figures, a whole CPU chain, resume, refusal."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import chain
+import data
+import train
+import vit
+
+SIZES = "cpu-tiny,cpu-small,cpu-base"
+FAST = ["--image-size", "32", "--patch-size", "16", "--context-length", "16", "--batch-size", "8",
+        "--num-samples", "32", "--device", "cpu", "--log-every", "1"]
+CC3M = ["--data", "cc3m.csv", "--num-samples", "2905954", "--batch-size", "1024", "--image-size", "224",
+        "--patch-size", "16", "--context-length", "77"]
+
+
+@pytest.fixture
+def small_eval(monkeypatch):
+    # the synthetic eval sets, built once and cut to 48 zero-shot pictures (one per class) and 48 retrieval ones
+    real, cache = data.build_eval_sets, {}
+
+    def first_batch(*args, **kwargs):
+        key = repr((args, sorted(kwargs.items())))
+        if key not in cache:
+            cache[key] = real(*args, **{**kwargs, "batch_size": 48})
+            for s in cache[key].values():
+                s["batches"] = s["batches"][:1]
+        return cache[key]
+    monkeypatch.setattr(data, "build_eval_sets", first_batch)
+
+
+def error_of(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        chain.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    return err[-1]
+
+
+# -----------------------------------------------------------------------------
+# plan and ledger
+
+
+@pytest.mark.parametrize("sizes, fix", [("cpu-small,cpu-tiny", "cpu-tiny,cpu-small"),
+                                        ("tiny,cpu-base", "cpu-base,tiny"), ("base,small,large", "small,base,large")])
+def test_sizes_must_ascend(sizes, fix, capsys):
+    err = error_of(["--sizes", sizes, "--dry-run"], capsys)
+    assert err.startswith("error:") and "ascending" in err and fix in err
+
+
+def test_unknown_size_and_bad_lists_are_one_line_errors(capsys, tmp_path):
+    assert "cpu-huge" in error_of(["--sizes", "cpu-tiny,cpu-huge", "--dry-run"], capsys)
+    assert "--epochs" in error_of(["--sizes", SIZES, "--epochs", "4,2", "--dry-run"], capsys)
+    assert "--steps" in error_of(["--sizes", SIZES, "--steps", "4,x,1", "--dry-run"], capsys)
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_ledger_matches_a_hand_computation():
+    a, b = vit.config("cpu-tiny"), vit.config("cpu-small")
+    (ia, ta), (ib, tb) = vit.image_text_flops(a), vit.image_text_flops(b)
+    rows, totals = chain.ledger([a, b], [100, 30], captions=3)
+    fa, fb = ia + 3 * ta, ib + 3 * tb
+    assert [r["train_flops"] for r in rows] == [100 * 3 * fa, 30 * (3 * fb + fa)]  # student x3, teacher x1
+    assert [r["independent_flops"] for r in rows] == [100 * 3 * fa, 100 * 3 * fb]  # the first stage's schedule
+    assert totals["speedup"] == pytest.approx((300 * fa + 300 * fb) / (300 * fa + 90 * fb + 30 * fa))
+    assert totals["saving_vs_largest"] == pytest.approx(1 - (330 * fa + 90 * fb) / (300 * fb))
+    assert rows[1]["params"] == vit.count_params(b)
+
+
+def test_dry_run_reproduces_the_papers_figures(capsys):
+    # the official CC3M chain T -> S -> B -> L at 224 px, 7 captions per image (notes/clip_ecosystem.md §4.6)
+    rep = chain.main(["--sizes", "tiny,small,base,large", "--epochs", "128,24,16,16", "--captions-per-image", "7",
+                      "--dry-run", *CC3M])
+    assert "5.52x" in capsys.readouterr().out
+    totals = rep["totals"]
+    assert totals["saving_vs_largest"] == pytest.approx(0.716, abs=0.002)  # the paper: "up to 72%"
+    assert totals["speedup"] == pytest.approx(5.52, abs=0.01)  # the paper: 5.68x for 4 models
+    # an independent restatement, per epoch (the ratio does not depend on the data size)
+    f = {s: vit.image_text_flops(vit.config(s)) for s in ("tiny", "small", "base", "large")}
+    T, S, B, L = (i + 7 * t for i, t in f.values())
+    chained = 128 * 3 * T + 24 * (3 * S + T) + 16 * (3 * B + S) + 16 * (3 * L + B)
+    assert totals["speedup"] == pytest.approx(128 * 3 * (T + S + B + L) / chained, rel=1e-9)
+    assert totals["saving_vs_largest"] == pytest.approx(1 - chained / (128 * 3 * L), rel=1e-9)
+
+
+def test_default_schedule_is_the_official_one(capsys):
+    rep = chain.main(["--sizes", "tiny,small,base,large", "--dry-run", *CC3M])
+    steps_per_epoch = 2905954 // 1024
+    assert [s["samples"] for s in rep["stages"]] == [e * steps_per_epoch * 1024 for e in (128, 24, 16, 16)]
+    args = chain.parse_args(["--sizes", "tiny,small,base,large", *CC3M])
+    stages = chain.plan(args, train.Settings(data="cc3m.csv", num_samples=2905954, batch_size=1024))
+    assert [st["settings"].warmup for st in stages] == [8000, 1000, 1000, 1000]
+
+
+# -----------------------------------------------------------------------------
+# a whole chain on CPU: run, resume, refuse
+
+
+def test_chain_trains_resumes_and_refuses_another_command(tmp_path, monkeypatch, capsys, small_eval):
+    out = str(tmp_path / "run")
+    argv = ["--sizes", SIZES, "--steps", "2,1,1", "--out", out, *FAST]
+    first = chain.main(argv)
+    dirs = ["1-cpu-tiny", "2-cpu-small", "3-cpu-base"]
+    for d in dirs:
+        assert {"checkpoint.pt", "metrics.jsonl", "result.json"} <= set(os.listdir(os.path.join(out, d)))
+    with open(os.path.join(out, "report.json")) as f:
+        report = json.load(f)
+    assert [s["size"] for s in report["stages"]] == SIZES.split(",")
+    assert all("zeroshot_top1" in s["metrics"] for s in report["stages"])
+    assert os.path.exists(os.path.join(out, "report.md"))
+    weights = torch.load(os.path.join(out, dirs[2], "checkpoint.pt"), weights_only=True)["model"]
+
+    calls, real_train = [], train.train
+    monkeypatch.setattr(train, "train", lambda model, s, out_dir, **kw: calls.append(out_dir) or
+                        real_train(model, s, out_dir, **kw))
+    # the same command again: nothing is retrained
+    again = chain.main(argv)
+    assert calls == [] and again["stages"] == first["stages"]
+    # a stage stopped before its result was written resumes from its checkpoint (no step left to do)
+    os.remove(os.path.join(out, dirs[2], "result.json"))
+    chain.main(argv)
+    assert calls == [os.path.join(out, dirs[2])]
+    # a lost last stage is grown again from the previous stage's checkpoint file: the same weights
+    shutil.rmtree(os.path.join(out, dirs[2]))
+    chain.main(argv)
+    regrown = torch.load(os.path.join(out, dirs[2], "checkpoint.pt"), weights_only=True)["model"]
+    assert all(torch.equal(weights[k], regrown[k]) for k in weights)
+
+    capsys.readouterr()
+    err = error_of(["--sizes", "cpu-tiny,cpu-small", "--steps", "2,1", "--out", out, *FAST], capsys)
+    assert "sizes" in err and "--out" in err
+    err = error_of([*argv, "--num-samples", "40"], capsys)
+    assert "num_samples" in err
+    err = error_of(["--sizes", SIZES, "--steps", "2,1,1", "--grow", "inherit", "--out", out, *FAST], capsys)
+    assert "grow" in err
