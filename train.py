@@ -5,43 +5,67 @@ CoM-PT (Fan et al., CVPR 2026, arXiv 2604.12391) trains a chain of CLIP models a
 call of `train`: the smallest model from scratch with the CLIP loss, each larger one (grown from its predecessor by
 grow.py) with the CLIP loss plus feature distillation towards the predecessor (paper Sec. 3; distill.py). The teacher
 runs in eval mode under no_grad on the same augmented batch; the distillation module's projector is trained with the
-student and saved in its checkpoint.
+student and saved in its checkpoint. On the command line, `--init-from` starts from any checkpoint (open_clip, the
+official CoM-PT zoo, ours; interop.py): loaded as it is when it has --size's shape, grown when it is smaller; and
+`--teacher` distils towards one. Giving both the same smaller checkpoint is one chain stage.
 
 The recipe is open_clip's (notes/clip_ecosystem.md §1.2): AdamW with betas (0.9, 0.98) and eps 1e-6, no weight decay
 on gains, biases and logit_scale; lr warmup lr*(step+1)/warmup then cosine to 0; logit scale clamped to [0, ln 100]
-after every step; bf16 autocast on CUDA, fp32 elsewhere (norms, logits and losses always in fp32).
+after every step; autocast in bf16 on CUDA and fp32 elsewhere by default (--precision; fp16 adds a GradScaler), with
+norms, logits and losses always in fp32. --compile compiles the two towers in place (nn.Module.compile), so the
+state dict keeps its plain keys.
 Evaluation (§1.5): zero-shot top-1/top-5 (a class embedding is the mean of its normalised template embeddings,
 renormalised) and image<->text retrieval R@1/5/10 (a hit when any positive is among the top k).
 
+Many GPUs: `torchrun --nproc_per_node N train.py ...` (and --nnodes for several machines) runs one process per
+GPU, nccl on CUDA and gloo on the CPU, the student and its distillation head wrapped in one DDP. --batch-size is per
+process; each rank reads its own slice of every global batch (data.py) and the CLIP loss scores every rank's rows
+against the whole global batch (clip_loss.py gathers features with gradients), so N processes at batch b compute
+the loss and gradients of one process at batch N*b. Rank 0 alone writes files and evaluates; the others wait at
+the broadcast of its metrics. Model and optimizer stay identical on every rank and no randomness is per rank
+(augmentation is seeded per sample), so rank 0's checkpoint resumes every rank (several machines: the output
+folder must be on a shared file system).
+
 Output folder: checkpoint.pt (a plain dict read with torch.load(weights_only=True): model state dict and config,
-optimizer, distillation head, step, RNG state; written atomically), metrics.jsonl, config.json (settings, model
-config, git hash). A run resumes from out/checkpoint.pt when it exists; resume is exact (bit-identical on CPU).
+optimizer, distillation head, step, RNG and grad-scaler state; written atomically), metrics.jsonl, config.json
+(settings, model config, git hash), and at the end open_clip/, an open_clip local-dir of the model
+(`open_clip.create_model_and_transforms("local-dir:OUT/open_clip")`; interop.py). A run resumes from
+out/checkpoint.pt when it exists; resume is exact (bit-identical on CPU).
 
 Deviations from open_clip's trainer: resume at step rather than epoch granularity; grad-norm clipping on by default;
-the distillation projector is saved with the student (the official CoM-PT code leaves it out).
+the distillation projector is saved with the student (the official CoM-PT code leaves it out). No gradient
+accumulation: summing micro-batch gradients would shrink the contrastive batch (each micro-batch's rows would only
+see its own negatives), and the honest version (open_clip's --accum-freq: embed every micro-batch without grad,
+then recompute each one with grad against the cached features) costs one more forward per sample; a batch that
+does not fit is run on more GPUs (the loss is global), or with --grad-checkpointing.
 
     python train.py --size cpu-tiny --data synthetic          # a few minutes on a laptop CPU
+    torchrun --standalone --nproc_per_node 8 train.py --size base --data 'cc3m/{00000..00331}.tar' --batch-size 128
 """
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
+import grow
+import interop
 import vit
 from clip_loss import clip_loss
+from distill import FeatureDistill
 
 
 def flag(default, help):
@@ -78,7 +102,10 @@ class Settings:
     seed: int = flag(0, "seed of the model's initialisation and of the data order and augmentation")
     # runtime
     device: str = flag("auto", "auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
+    precision: str = flag("", "autocast dtype: bf16, fp16 (with a GradScaler) or fp32 (default: bf16 on CUDA, else "
+                          "fp32); norms, logits and losses stay fp32")
     grad_checkpointing: bool = flag(False, "recompute activations in the backward pass: less memory, more compute")
+    compile: bool = flag(False, "torch.compile the two towers (slow first steps, then faster)")
     # evaluation, logging, checkpoints
     eval_every: int = flag(1, "evaluate every N epochs, and at the end (0: only at the end)")
     save_every: int = flag(1000, "checkpoint every N steps, and at the end (0: only at the end)")
@@ -97,23 +124,67 @@ def check_settings(s):
                              f"got {value}")
     if s.resume not in ("auto", "none") and not os.path.isfile(s.resume):
         raise FileNotFoundError(f"--resume {s.resume}: no such checkpoint; pass auto, none or an existing file")
+    if s.precision not in ("",) + tuple(DTYPES):
+        raise ValueError(f"--precision {s.precision}: choose one of {', '.join(DTYPES)}")
     pick_device(s.device)
 
 
 def pick_device(name):
+    """The torch.device for --device; a bare "cuda" is this process's GPU (cuda:LOCAL_RANK under torchrun)."""
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     name = next(d for d in available if available[d]) if name == "auto" else name  # cuda, else mps, else cpu
     if not available.get(name.split(":")[0]):
         raise ValueError(f"--device {name} is not available here; use one of: auto, "
                          + ", ".join(d for d in available if available[d]))
-    return torch.device(name)
+    return torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if name == "cuda" else name)
 
 
-def autocast(device):
-    """The precision policy in one place: bf16 autocast on CUDA, full fp32 elsewhere."""
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def autocast(device, precision=""):
+    """The precision policy in one place: autocast to bf16 or fp16, or none for fp32 ("": bf16 on CUDA, else fp32)."""
+    precision = precision or ("bf16" if device.type == "cuda" else "fp32")
+    return torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32")
+
+
+# -----------------------------------------------------------------------------
+# many processes: torchrun's environment -> one process group, one GPU (or CPU) per process
+
+
+def init_distributed(device):
+    """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+    MASTER_PORT; one machine or several): nccl on CUDA, gloo on the CPU. Does nothing outside torchrun."""
+    if "RANK" not in os.environ or dist.is_initialized():
+        return
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"--device {device}: several processes need cuda (nccl) or cpu (gloo)")
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+        torch.cuda.set_device(device)  # nccl's collectives run on the current device
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def destroy_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def from_rank0(obj):
+    """Rank 0's `obj` on every rank (the others wait for it: a barrier); `obj` itself in a single process."""
+    if dist.is_initialized():
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        obj = box[0]
+    return obj
+
+
+def all_ranks(obj):
+    """Every rank's `obj`, in rank order; [obj] in a single process."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -171,11 +242,15 @@ class Objective(nn.Module):
         return losses
 
 
-def train_step(objective, optimizer, images, tokens, lr, grad_clip, teacher=None):
-    """One optimizer step on one batch; returns the loss terms as floats ("loss" is their sum)."""
+NO_SCALER = torch.amp.GradScaler("cpu", enabled=False)  # scale, unscale_, step, update: plain backward and step
+
+
+def train_step(objective, optimizer, images, tokens, lr, grad_clip, teacher=None, *, precision="", scaler=NO_SCALER):
+    """One optimizer step on one batch; returns the loss terms as floats ("loss" is their sum), averaged over the
+    ranks under DDP (`objective` is then the DDP-wrapped Objective): the global batch's loss."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    with autocast(images.device):
+    with autocast(images.device, precision):
         teacher_features = None
         if teacher is not None:
             with torch.no_grad():
@@ -183,14 +258,19 @@ def train_step(objective, optimizer, images, tokens, lr, grad_clip, teacher=None
         losses = objective(images, tokens, teacher_features)
     loss = sum(losses.values())
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    scaler.scale(loss).backward()  # DDP averages the gradients over the ranks here
     if grad_clip > 0:
+        scaler.unscale_(optimizer)
         nn.utils.clip_grad_norm_(objective.parameters(), grad_clip)
-    optimizer.step()
+    scaler.step(optimizer)  # fp16: skipped when a gradient overflowed
+    scaler.update()
     with torch.no_grad():
-        objective.model.logit_scale.clamp_(0, math.log(100))
-    values = torch.stack([loss.detach(), *(v.detach() for v in losses.values())]).tolist()  # one device sync
-    return dict(zip(["loss", *losses], values))
+        getattr(objective, "module", objective).model.logit_scale.clamp_(0, math.log(100))
+    values = torch.stack([loss.detach(), *(v.detach() for v in losses.values())])
+    if dist.is_initialized():  # each rank's loss averages its own rows of the global batch: their mean is the global loss
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return dict(zip(["loss", *losses], values.tolist()))  # one device sync
 
 
 # -----------------------------------------------------------------------------
@@ -219,16 +299,16 @@ def retrieval_recall(image_features, text_features, text_image, ks=(1, 5, 10)):
 
 
 @torch.no_grad()
-def embed(encode, inputs, device, batch_size=256):
+def embed(encode, inputs, device, precision="", batch_size=256):
     """Normalised fp32 features of `inputs` (images or tokens), encoded in chunks."""
     out = []
     for chunk in inputs.split(batch_size):
-        with autocast(device):
+        with autocast(device, precision):
             out.append(F.normalize(encode(chunk.to(device)).float(), dim=-1))
     return torch.cat(out)
 
 
-def evaluate(model, eval_sets, device):
+def evaluate(model, eval_sets, device, precision=""):
     """Zero-shot top-1/top-5 and retrieval R@1/5/10 (fractions in [0, 1]) of `model` on data.build_eval_sets'
     sets: "zeroshot" (batches of images and labels, prompt tokens (classes, templates, C)) and "retrieval" (batches
     of images and their k captions' tokens (b, k, C)). Each set's batches are read once."""
@@ -238,15 +318,16 @@ def evaluate(model, eval_sets, device):
     if "zeroshot" in eval_sets:
         zs = eval_sets["zeroshot"]
         n_classes, n_templates, C = zs["tokens"].shape
-        prompts = embed(model.encode_text, zs["tokens"].view(-1, C), device)  # (n_classes * n_templates, E)
+        prompts = embed(model.encode_text, zs["tokens"].view(-1, C), device, precision)  # (n_classes * n_templates, E)
         # a class is the mean of its normalised template embeddings, renormalised
         class_features = F.normalize(prompts.view(n_classes, n_templates, -1).mean(dim=1), dim=-1)  # (K, E)
-        images, labels = zip(*[(embed(model.encode_image, x, device), y) for x, y in zs["batches"]])
+        images, labels = zip(*[(embed(model.encode_image, x, device, precision), y) for x, y in zs["batches"]])
         top = zeroshot_accuracy(torch.cat(images), torch.cat(labels).to(device), class_features)
         out.update(zeroshot_top1=top[1], zeroshot_top5=top[5])
     if "retrieval" in eval_sets:
-        images, texts = zip(*[(embed(model.encode_image, x, device), embed(model.encode_text, t.flatten(0, 1), device)
-                               .view(*t.shape[:2], -1)) for x, t in eval_sets["retrieval"]["batches"]])
+        images, texts = zip(*[(embed(model.encode_image, x, device, precision),
+                               embed(model.encode_text, t.flatten(0, 1), device, precision).view(*t.shape[:2], -1))
+                              for x, t in eval_sets["retrieval"]["batches"]])
         images, texts = torch.cat(images), torch.cat(texts)  # (N, E), (N, k, E): k captions per image
         text_image = torch.arange(len(images), device=device).repeat_interleave(texts.shape[1])
         out.update(retrieval_recall(images, texts.flatten(0, 1), text_image))
@@ -274,7 +355,7 @@ def git_hash():
         return "unknown"
 
 
-def load_checkpoint(path, model, optimizer, distill, settings, device):
+def load_checkpoint(path, model, optimizer, distill, settings, device, scaler=NO_SCALER, world_size=1):
     """Restore a run from `path` for an exact resume; returns (step, wall time so far in seconds)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if ckpt["config"] != model.cfg.to_dict():
@@ -283,6 +364,9 @@ def load_checkpoint(path, model, optimizer, distill, settings, device):
         if ckpt["settings"][key] != getattr(settings, key):
             raise ValueError(f"checkpoint {path} was trained with {key}={ckpt['settings'][key]!r}, not "
                              f"{getattr(settings, key)!r}; resume with the same value, or use another --out")
+    if ckpt.get("world_size", 1) != world_size:  # so does the number of processes (the global batch)
+        raise ValueError(f"checkpoint {path} was trained by {ckpt.get('world_size', 1)} processes, not {world_size}; "
+                         "resume with as many (torchrun --nproc_per_node x --nnodes), or use another --out")
     if (ckpt["distill"] is None) != (distill is None):
         raise ValueError(f"checkpoint {path} was trained {'without' if distill is not None else 'with'} a teacher; "
                          f"resume it the same way, or use another --out")
@@ -290,15 +374,37 @@ def load_checkpoint(path, model, optimizer, distill, settings, device):
     if distill is not None:
         distill.load_state_dict(ckpt["distill"])
     optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler"):  # fp16 runs: the loss scale
+        scaler.load_state_dict(ckpt["scaler"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     if device.type == "cuda" and ckpt["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
     return ckpt["step"], ckpt["wall_time"]
 
 
+def initialise(model, state_dict, cfg, method="lossless", seed=0, source="--init-from"):
+    """Start `model` from `state_dict` (a model of config `cfg`, e.g. from interop.load_state_dict_any): loaded as
+    it is when both have the same towers, grown by grow.py's `method` when cfg's towers are smaller."""
+    for key in ("image_size", "patch_size", "context_length", "vocab_size", "embed_dim"):
+        if getattr(cfg, key) != getattr(model.cfg, key):
+            raise ValueError(f"{source}: its {key} is {getattr(cfg, key)}, the model's {getattr(model.cfg, key)}; "
+                             "give the model the checkpoint's data shape (--image-size, --patch-size, ...)")
+    towers = ("vision_width", "vision_layers", "text_width", "text_layers")
+    small, big = ([getattr(c, k) for k in towers] for c in (cfg, model.cfg))
+    if small == big:
+        model.load_state_dict(state_dict)
+    elif all(a <= b for a, b in zip(small, big)):
+        model.load_state_dict(grow.grow(state_dict, model.state_dict(), cfg, model.cfg, method=method, seed=seed))
+    else:
+        name, target = interop.size_of(cfg) or "an unregistered", interop.size_of(model.cfg) or "this"
+        raise ValueError(f"{source} holds {name} model, larger than {target} one in some dimension: it can be "
+                         "loaded into a model of its own size or grown into a larger one")
+
+
 def train(model, settings, out_dir, *, teacher=None, distill=None):
     """Train `model` (a vit.CLIP) with `settings`, writing into `out_dir`; returns the final metrics. With a teacher
-    (a vit.CLIP) and `distill` (a module (s_img, s_txt, t_img, t_txt) -> loss), the loss is clip_loss + fd_loss."""
+    (a vit.CLIP) and `distill` (a module (s_img, s_txt, t_img, t_txt) -> loss), the loss is clip_loss + fd_loss.
+    Under torchrun every process calls it (see the file docstring); all return rank 0's metrics."""
     s, cfg = settings, model.cfg
     check_settings(s)
     if (teacher is None) != (distill is None):
@@ -307,9 +413,11 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
         if getattr(teacher.cfg, key) != getattr(cfg, key):  # the teacher sees the student's batches
             raise ValueError(f"teacher {key} {getattr(teacher.cfg, key)!r} differs from the student's "
                              f"{getattr(cfg, key)!r}; give both the same data shape")
+    device = pick_device(s.device)
+    init_distributed(device)  # under torchrun: join its process group (a no-op when already done, or no torchrun)
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     main_process = rank == 0  # the one that writes files, logs and evaluates
-    device = pick_device(s.device)
+    precision = s.precision or ("bf16" if device.type == "cuda" else "fp32")
     tokenizer = data.get_tokenizer(cfg.tokenizer, s.bpe or None)  # the model's config names its tokenizer
     shape = dict(tokenizer=tokenizer, image_size=cfg.image_size, context_length=cfg.context_length)
     source = dict(data_root=s.data_root or None, csv_img_key=s.csv_img_key, csv_caption_key=s.csv_caption_key,
@@ -321,25 +429,33 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
 
     model.to(device).train()
     model.set_grad_checkpointing(s.grad_checkpointing)
+    if s.compile:  # in place: the state dict keeps its keys (no _orig_mod.)
+        model.visual.compile()
+        model.transformer.compile()
     if teacher is not None:
         teacher.to(device).eval()
         distill.to(device).train()
     objective = Objective(model, distill)
     optimizer = make_optimizer(model, s, device, distill)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     # resume from out/checkpoint.pt when present ("auto"), from a given file, or not at all ("none")
     ckpt_path = os.path.join(out_dir, "checkpoint.pt")
     resume = {"auto": ckpt_path if os.path.exists(ckpt_path) else None, "none": None}.get(s.resume, s.resume)
-    step, wall_time = load_checkpoint(resume, model, optimizer, distill, s, device) if resume else (0, 0.0)
+    step, wall_time = load_checkpoint(resume, model, optimizer, distill, s, device, scaler,
+                                      world_size) if resume else (0, 0.0)
+    if world_size > 1:  # one wrapper for the student and its projector: their gradients are averaged over the ranks
+        objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
     eval_sets = data.build_eval_sets(s.data, **shape, **source, zeroshot_data=s.zeroshot_data or None,
                                      val_data=s.val_data or None, templates=s.templates or None) if main_process else {}
     os.makedirs(out_dir, exist_ok=True)
     t_start = time.time()
 
-    def checkpoint():
+    def checkpoint():  # the raw model's state dict: no DDP "module." prefix
         save_checkpoint(ckpt_path, {
             "model": model.state_dict(), "config": cfg.to_dict(), "step": step, "optimizer": optimizer.state_dict(),
             "distill": distill.state_dict() if distill is not None else None, "settings": asdict(s),
+            "scaler": scaler.state_dict(), "world_size": world_size,
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
             "wall_time": wall_time + time.time() - t_start})
@@ -349,7 +465,7 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
     if main_process:
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump({"settings": asdict(s), "model": cfg.to_dict(), "git": git_hash(), "torch": torch.__version__,
-                       "device": str(device), "world_size": world_size,
+                       "device": str(device), "precision": precision, "world_size": world_size,
                        "teacher": teacher.cfg.to_dict() if teacher is not None else None}, f, indent=2)
         # a resumed run replays the steps after its checkpoint: drop their old records
         kept = [r for r in open(metrics_path) if json.loads(r)["step"] <= step] if os.path.exists(metrics_path) else []
@@ -363,8 +479,8 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
             if always or not tty:
                 tqdm.write(line)
 
-    def run_eval():
-        metrics = evaluate(model, eval_sets, device) if main_process else {}
+    def run_eval():  # rank 0 evaluates; the others wait for its metrics
+        metrics = from_rank0(evaluate(model, eval_sets, device, precision) if main_process else None)
         log({"step": step, "epoch": step / steps_per_epoch, **metrics},
             f"step {step} eval: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()), always=True)
         return metrics
@@ -376,8 +492,9 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
         for images, tokens in train_data.batches(epoch, first):
             images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
             lr = lr_at(step, total_steps, s.warmup, s.lr)
-            losses = train_step(objective, optimizer, images, tokens, lr, s.grad_clip, teacher)
-            if not math.isfinite(losses["loss"]):
+            losses = train_step(objective, optimizer, images, tokens, lr, s.grad_clip, teacher, precision=precision,
+                                scaler=scaler)
+            if not math.isfinite(losses["loss"]):  # the same on every rank: all stop
                 last = ckpt_path if os.path.exists(ckpt_path) else "none written yet"
                 raise FloatingPointError(f"non-finite loss {losses} at step {step + 1}: run stopped; last good "
                                          f"checkpoint: {last} (try a lower --lr, keep --grad-clip on)")
@@ -400,10 +517,13 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
             run_eval()
             t_log += time.time() - t_eval  # samples/s counts training only
     bar.close()
-    metrics = run_eval()
+    if main_process:  # the model as an open_clip local-dir, beside the checkpoint
+        interop.export_open_clip(model, cfg, os.path.join(out_dir, "open_clip"))
+    metrics = run_eval()  # after the writes: once train() returns, every rank can read them
+    skipped = sum(all_ranks(train_data.skipped), Counter())
     return {"step": step, "samples_seen": step * s.batch_size * world_size,
             "wall_time_s": wall_time + time.time() - t_start, **losses, **metrics,
-            "skipped": dict(train_data.skipped)}  # bad samples of this run, by kind
+            "skipped": dict(skipped)}  # bad samples of this run, by kind, on all ranks
 
 
 # -----------------------------------------------------------------------------
@@ -421,7 +541,13 @@ def parse_args(argv=None):
                    f"(0: {data.SYNTHETIC_CONTEXT_LENGTH} for synthetic data, else 77)")
     p.add_argument("--tokenizer", default="", choices=["", "byte", "clip-bpe"], help="byte or clip-bpe (default: "
                    "byte for synthetic data, else clip-bpe, whose vocabulary comes from --bpe or an installed open_clip)")
-    p.add_argument("--out", default="out", help="output folder: checkpoint.pt, metrics.jsonl, config.json")
+    p.add_argument("--out", default="out", help="output folder: checkpoint.pt, metrics.jsonl, config.json, open_clip/")
+    # where the weights start, and the teacher: checkpoints of open_clip, the official CoM-PT zoo or ours (interop.py)
+    p.add_argument("--init-from", default="", help="start from this checkpoint: loaded when it has --size's shape, "
+                   "grown when smaller; its data shape is the default of --image-size, --patch-size, ...")
+    p.add_argument("--grow-method", default="lossless", choices=grow.METHODS, help="growth of a smaller --init-from")
+    p.add_argument("--teacher", default="", help="distil towards this checkpoint's features (CoM-PT's FD loss)")
+    p.add_argument("--alpha", type=float, default=500.0, help="weight of the feature-distillation loss (--teacher)")
     # everything else: the fields of Settings
     for f in fields(Settings):
         name, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
@@ -441,21 +567,34 @@ def main(argv=None):
         check_settings(settings)
         if min(args.image_size, args.patch_size, args.context_length) < 0:
             raise ValueError("--image-size, --patch-size and --context-length must be positive (0: the data's default)")
-        name = args.tokenizer or ("clip-bpe" if settings.bpe or not synthetic else "byte")
+        init = interop.load_state_dict_any(args.init_from) if args.init_from else None
+        teacher = interop.load_model(args.teacher) if args.teacher else None
+        like = init[1] if init else teacher.cfg if teacher else None  # a given model's data shape is the default
+
+        def default(key, synthetic_value, real_value):
+            return getattr(args, key) or (getattr(like, key) if like else synthetic_value if synthetic else real_value)
+        name = args.tokenizer or (like.tokenizer if like else "clip-bpe" if settings.bpe or not synthetic else "byte")
         tokenizer = data.get_tokenizer(name, settings.bpe or None)
-        cfg = vit.config(args.size, image_size=args.image_size or (data.SYNTHETIC_IMAGE_SIZE if synthetic else 224),
-                         patch_size=args.patch_size or (4 if synthetic else 16),
-                         context_length=args.context_length or (data.SYNTHETIC_CONTEXT_LENGTH if synthetic else 77),
+        cfg = vit.config(args.size, image_size=default("image_size", data.SYNTHETIC_IMAGE_SIZE, 224),
+                         patch_size=default("patch_size", 4, 16),
+                         context_length=default("context_length", data.SYNTHETIC_CONTEXT_LENGTH, 77),
                          vocab_size=tokenizer.vocab_size, tokenizer=tokenizer.name)
-        torch.manual_seed(settings.seed)  # the model's init
-        metrics = train(vit.CLIP(cfg), settings, args.out)
+        torch.manual_seed(settings.seed)  # the model's init: the same on every rank
+        model = vit.CLIP(cfg)
+        if init:
+            initialise(model, *init, method=args.grow_method, seed=settings.seed, source=f"--init-from {args.init_from}")
+        distill = FeatureDistill(cfg.embed_dim, teacher.cfg.embed_dim, args.alpha) if teacher else None
+        metrics = train(model, settings, args.out, teacher=teacher, distill=distill)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    print(json.dumps(metrics, indent=2))
+    finally:
+        destroy_distributed()
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps(metrics, indent=2))
 
 
 if __name__ == "__main__":

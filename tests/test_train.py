@@ -1,4 +1,6 @@
-"""Tests of train.py: optimizer groups, schedule, clamp, gradients, metrics, end-to-end run, exact resume, NaN stop."""
+"""Tests of train.py: optimizer groups, schedule, clamp, gradients, precision and compile switches, metrics, end-to-end
+run, exact resume, NaN stop, --init-from / --teacher. DDP: tests/test_ddp.py."""
+import functools
 import json
 import math
 import os
@@ -8,6 +10,8 @@ import torch
 import torch.nn as nn
 
 import data
+import grow
+import interop
 import train
 import vit
 from distill import FeatureDistill
@@ -112,6 +116,50 @@ def test_several_captions_per_image_keep_their_slots():
 
 
 # -----------------------------------------------------------------------------
+# precision and compile switches
+
+
+def step_losses_and_grads(precision, scaler=train.NO_SCALER, grad_clip=0.0):
+    model = tiny_model()
+    objective = train.Objective(model)
+    optimizer = train.make_optimizer(model, tiny_settings(), torch.device("cpu"))
+    losses = train.train_step(objective, optimizer, *batch(model.cfg), 0.0, grad_clip, precision=precision, scaler=scaler)
+    return losses, torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_steps_run_on_the_cpu_with_fp32_losses(precision):
+    model = tiny_model()
+    images, tokens = batch(model.cfg)
+    with train.autocast(torch.device("cpu"), precision):
+        assert model.encode_image(images).dtype == train.DTYPES[precision]  # autocast is on
+        losses = train.Objective(model)(images, tokens)
+    assert losses["clip_loss"].dtype == torch.float32  # logits and losses in fp32
+    ref_losses, ref_grads = step_losses_and_grads("fp32")
+    scaler = torch.amp.GradScaler("cpu", enabled=precision == "fp16")
+    got_losses, got_grads = step_losses_and_grads(precision, scaler, grad_clip=1e-3)
+    assert got_losses["loss"] == pytest.approx(ref_losses["loss"], abs=0.05)
+    # clipped to exactly the bound: fp16's gradients were scaled up for backward (by 2^16) and unscaled before
+    # clipping; without the scaler in backward, or with clipping before unscaling, the norm would be off by 2^16
+    assert ref_grads.norm() > 1e-2 and got_grads.norm().item() == pytest.approx(1e-3, rel=1e-3)
+    assert torch.cosine_similarity(got_grads, ref_grads, dim=0) > 0.99
+
+
+def test_compile_keeps_plain_state_dict_keys_and_the_same_training(tmp_path, monkeypatch):
+    # the eager backend traces the towers with dynamo as --compile does, without inductor's minute of C++ builds on
+    # a CPU (benchmarks/gpu_check.py compiles for real on CUDA)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    compiled, plain = tiny_model(), tiny_model()
+    train.train(compiled, tiny_settings(compile=True, eval_every=0), str(tmp_path / "compiled"))
+    train.train(plain, tiny_settings(eval_every=0), str(tmp_path / "plain"))
+    assert compiled.visual._compiled_call_impl is not None  # it did run compiled
+    ckpt = torch.load(tmp_path / "compiled" / "checkpoint.pt", weights_only=True)
+    assert list(ckpt["model"]) == list(plain.state_dict())  # no _orig_mod.
+    for k, v in plain.state_dict().items():
+        assert torch.allclose(ckpt["model"][k], v, atol=1e-5), k
+
+
+# -----------------------------------------------------------------------------
 # evaluation metrics
 
 
@@ -201,6 +249,8 @@ def test_tiny_run_writes_checkpoint_metrics_and_config(tmp_path):
     config = json.load(open(tmp_path / "config.json"))
     assert config["model"] == model.cfg.to_dict() and config["settings"]["steps"] == 6 and config["git"]
     assert not os.path.exists(tmp_path / "checkpoint.pt.tmp")
+    exported = interop.load_model(tmp_path / "open_clip")  # the open_clip local-dir export
+    assert all(torch.equal(exported.state_dict()[k], v) for k, v in model.state_dict().items())
     # a checkpoint of another model or another data stream is refused, not silently resumed
     with pytest.raises(ValueError, match="another config"):
         train.train(tiny_model(patch_size=8), tiny_settings(steps=6, num_samples=32), str(tmp_path))
@@ -282,6 +332,48 @@ def test_teacher_must_see_the_same_batches(tmp_path):
     assert not os.path.exists(tmp_path / "checkpoint.pt")
 
 
+# -----------------------------------------------------------------------------
+# --init-from and --teacher
+
+
+def test_initialise_loads_the_same_size_and_grows_a_smaller_one():
+    small = tiny_model(3)
+    same = tiny_model(4)
+    train.initialise(same, small.state_dict(), small.cfg)
+    assert all(torch.equal(same.state_dict()[k], v) for k, v in small.state_dict().items())
+    torch.manual_seed(5)
+    big = vit.CLIP(vit.config("cpu-small", **TINY))
+    fresh = big.state_dict()
+    train.initialise(big, small.state_dict(), small.cfg, method="inherit", seed=0)
+    expected = grow.grow(small.state_dict(), fresh, small.cfg, big.cfg, method="inherit", seed=0)
+    assert all(torch.equal(big.state_dict()[k], v) for k, v in expected.items())
+    with pytest.raises(ValueError, match="larger than cpu-tiny"):
+        train.initialise(tiny_model(), big.state_dict(), big.cfg)
+    with pytest.raises(ValueError, match="patch_size is 8, the model's 16"):
+        train.initialise(tiny_model(), tiny_model(patch_size=8).state_dict(), tiny_model(patch_size=8).cfg)
+
+
+def test_cli_grows_from_an_open_clip_style_checkpoint_and_distils_towards_it(tmp_path):
+    # a DDP-saved bare state dict of a trained-looking cpu-tiny (byte vocabulary: inferred tokenizer "byte")
+    small = tiny_model(3)
+    path = tmp_path / "small.pt"
+    torch.save({"module." + k: v for k, v in small.state_dict().items()}, path)
+    out = tmp_path / "big"
+    train.main(["--size", "cpu-small", "--init-from", str(path), "--teacher", str(path), "--out", str(out),
+                "--steps", "2", "--batch-size", "8", "--num-samples", "16", "--lr", "1e-12", "--eval-every", "0", "--log-every", "1",
+                "--device", "cpu", "--seed", "7"])
+    # the data shape came from the checkpoint; the start was the lossless growth (function-preserving), so with
+    # a vanishing lr the student still computes its teacher's features: FD ~ 0
+    cfg = vit.CLIPConfig.from_dict(json.load(open(out / "config.json"))["model"])
+    assert (cfg.image_size, cfg.patch_size, cfg.context_length, cfg.tokenizer) == (32, 16, 16, "byte")
+    records = [json.loads(line) for line in open(out / "metrics.jsonl") if "fd_loss" in line]
+    assert len(records) == 2 and all(r["fd_loss"] < 1e-6 for r in records)
+    torch.manual_seed(7)
+    grown = grow.grow(small.state_dict(), vit.CLIP(cfg).state_dict(), small.cfg, cfg, seed=7)
+    trained = interop.load_model(out / "open_clip").state_dict()
+    assert all(torch.allclose(trained[k], v, atol=1e-6) for k, v in grown.items())
+
+
 @pytest.mark.parametrize("argv,culprit", [
     (["--size", "huge"], "cpu-tiny"),
     (["--batch-size", "0"], "--batch-size"),
@@ -290,6 +382,9 @@ def test_teacher_must_see_the_same_batches(tmp_path):
     (["--data", "/nonexistent/train.csv", "--tokenizer", "byte"], "/nonexistent/train.csv"),
     (["--resume", "/nonexistent/ckpt.pt"], "/nonexistent/ckpt.pt"),
     (["--zeroshot-data", "/nonexistent/imagenet"], "/nonexistent/imagenet"),
+    (["--precision", "fp8"], "--precision fp8"),
+    (["--init-from", "/nonexistent/model.pt"], "/nonexistent/model.pt"),
+    (["--teacher", "/nonexistent/teacher.pt"], "/nonexistent/teacher.pt"),
 ])
 def test_bad_input_is_one_line_before_any_work(argv, culprit, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
