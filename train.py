@@ -44,6 +44,7 @@ does not fit is run on more GPUs (the loss is global), or with --grad-checkpoint
 """
 
 import argparse
+import datetime
 import json
 import math
 import os
@@ -161,7 +162,8 @@ def init_distributed(device):
         raise ValueError(f"--device {device}: several processes need cuda (nccl) or cpu (gloo)")
     if device.type == "cuda":
         torch.cuda.set_device(device)  # nccl's collectives run on the current device
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # the others wait for rank 0's evaluation (ImageNet zero-shot: minutes) at a collective: allow it an hour
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=1))
 
 
 def destroy_distributed():
@@ -396,9 +398,9 @@ def initialise(model, state_dict, cfg, method="lossless", seed=0, source="--init
     elif all(a <= b for a, b in zip(small, big)):
         model.load_state_dict(grow.grow(state_dict, model.state_dict(), cfg, model.cfg, method=method, seed=seed))
     else:
-        name, target = interop.size_of(cfg) or "an unregistered", interop.size_of(model.cfg) or "this"
-        raise ValueError(f"{source} holds {name} model, larger than {target} one in some dimension: it can be "
-                         "loaded into a model of its own size or grown into a larger one")
+        name, target = (interop.size_of(c) or "unregistered size" for c in (cfg, model.cfg))
+        raise ValueError(f"{source}: its model ({name}) is larger than this one ({target}) in some dimension; load it "
+                         "into a model of its own size, or grow it into a larger one")
 
 
 def train(model, settings, out_dir, *, teacher=None, distill=None):

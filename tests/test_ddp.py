@@ -2,7 +2,8 @@
 environment variables. Pinned: 2 ranks at batch b give the loss and the gradients of 1 process at batch 2b on the
 same samples (CLIP loss over the global batch, FD per sample); a 2-rank train() trains like 1 process at twice the
 batch, writes one checkpoint without wrapper prefixes and one set of records, keeps the ranks identical, returns
-rank 0's metrics everywhere, exports an open_clip local-dir, and resumes exactly on every rank."""
+rank 0's metrics everywhere, exports an open_clip local-dir (that open_clip loads, when installed), and resumes
+exactly on every rank."""
 import json
 import os
 import socket
@@ -156,3 +157,14 @@ def test_a_resumed_two_rank_run_ends_where_a_straight_one_does(ranks):
     for saw in saws:  # every rank restored the checkpoint and ended where the uninterrupted run did
         assert saw["resumed_from"] == 2
         assert all(torch.equal(saw["resumed"][k], v) for k, v in straight.items())
+
+
+def test_open_clip_loads_the_export_of_a_two_rank_run(ranks):
+    open_clip = pytest.importorskip("open_clip")
+    out = os.path.join(ranks[0], "run")
+    theirs, _, _ = open_clip.create_model_and_transforms("local-dir:" + os.path.join(out, "open_clip"))
+    ours = interop.load_model(os.path.join(out, "checkpoint.pt"))
+    images, tokens = global_batch()
+    with torch.no_grad():
+        assert torch.allclose(theirs.eval().encode_image(images), ours.eval().encode_image(images), atol=1e-5)
+        assert torch.allclose(theirs.encode_text(tokens), ours.encode_text(tokens), atol=1e-5)

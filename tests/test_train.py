@@ -347,7 +347,7 @@ def test_initialise_loads_the_same_size_and_grows_a_smaller_one():
     train.initialise(big, small.state_dict(), small.cfg, method="inherit", seed=0)
     expected = grow.grow(small.state_dict(), fresh, small.cfg, big.cfg, method="inherit", seed=0)
     assert all(torch.equal(big.state_dict()[k], v) for k, v in expected.items())
-    with pytest.raises(ValueError, match="larger than cpu-tiny"):
+    with pytest.raises(ValueError, match=r"\(cpu-small\) is larger than this one \(cpu-tiny\)"):
         train.initialise(tiny_model(), big.state_dict(), big.cfg)
     with pytest.raises(ValueError, match="patch_size is 8, the model's 16"):
         train.initialise(tiny_model(), tiny_model(patch_size=8).state_dict(), tiny_model(patch_size=8).cfg)
