@@ -17,7 +17,24 @@ k caption slots, each slot a plain B x B problem, as in the official code.
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.nn.functional import all_gather
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 that lets gradients flow back: every rank's loss depends on every rank's features, so
+    the gradient of a rank's own rows is the sum over ranks of their gradients (all-reduce, then take our rows)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)  # (W*B, E)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        B = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * B:(dist.get_rank() + 1) * B]
 
 
 def _world():
@@ -35,8 +52,8 @@ def clip_loss(image_features, text_features, logit_scale):
     image_features, text_features, logit_scale = image_features.float(), text_features.float(), logit_scale.float()
     rank, world = _world()
     if world > 1:
-        all_image = torch.cat(all_gather(image_features), dim=0)  # (W*B, E), differentiable
-        all_text = torch.cat(all_gather(text_features), dim=0)
+        all_image = _GatherWithGrad.apply(image_features)  # (W*B, E), differentiable
+        all_text = _GatherWithGrad.apply(text_features)
     else:
         all_image, all_text = image_features, text_features
     logits_per_image = logit_scale * image_features @ all_text.T  # (B, W*B)
