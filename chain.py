@@ -50,8 +50,10 @@ from distill import FeatureDistill
 OFFICIAL_EPOCHS = (128, 24, 16, 16)  # training_script/cc3m_vit: tiny from scratch, then small, base, large
 OFFICIAL_WARMUP = (8000, 1000)       # steps: the smallest model, every grown one
 CC3M_STEPS_PER_EPOCH = 2_905_954 // 1024  # the official global batch, 8 GPUs x 128
-SYNTHETIC_FIRST_STEPS = 300          # the smallest model's steps on the synthetic set (sized for 2 CPU cores)
+MIN_WARMUP = 50  # ~1 / (1 - beta2) steps: AdamW's second-moment estimate needs about that long to settle
+SYNTHETIC_FIRST_STEPS = 200  # the smallest model's steps on the synthetic set (tiny,small,base: minutes on 2 CPU cores)
 SYNTHETIC_SHAPE = dict(image_size=32, patch_size=8, context_length=32)  # the chain's defaults on the synthetic set
+DEFAULTS = dict(batch_size=32)  # the chain's own defaults for train.py's flags
 PER_STAGE = ("epochs", "steps", "warmup", "resume")  # train.Settings fields the chain sets per stage
 RUNTIME = ("device", "workers", "eval_every", "save_every", "log_every", "grad_checkpointing")  # free on resume
 
@@ -94,10 +96,11 @@ def plan(args, settings):
     sizes = parse_sizes(args.sizes)
     n, world = len(sizes), int(os.environ.get("WORLD_SIZE", "1"))
     cfgs = [model_config(s, args) for s in sizes]
-    num_samples = settings.num_samples or data.build_train_data(
-        settings.data, tokenizer=cfgs[0].tokenizer, image_size=cfgs[0].image_size, batch_size=settings.batch_size,
-        context_length=cfgs[0].context_length, workers=0, seed=settings.seed, data_root=settings.data_root or None,
-        csv_img_key=settings.csv_img_key, csv_caption_key=settings.csv_caption_key).num_samples
+    num_samples = settings.num_samples or data.build_train_data(  # as train.train reads it
+        settings.data, tokenizer=data.get_tokenizer(cfgs[0].tokenizer, settings.bpe or None),
+        image_size=cfgs[0].image_size, context_length=cfgs[0].context_length, batch_size=settings.batch_size,
+        workers=0, seed=settings.seed, data_root=settings.data_root or None, csv_img_key=settings.csv_img_key,
+        csv_caption_key=settings.csv_caption_key, caption_sep=settings.caption_sep or None).num_samples
     steps_per_epoch = num_samples // (settings.batch_size * world)
     official = [OFFICIAL_EPOCHS[min(i, len(OFFICIAL_EPOCHS) - 1)] for i in range(n)]
     if args.steps:
@@ -109,8 +112,8 @@ def plan(args, settings):
         steps, epochs = [round(SYNTHETIC_FIRST_STEPS * e / official[0]) for e in official], [1] * n
     if args.warmup:
         warmup = per_stage(args.warmup, n, "--warmup")
-    else:  # the official warmup as a fraction of its stage
-        warmup = [max(1, round(s * OFFICIAL_WARMUP[i > 0] / (e * CC3M_STEPS_PER_EPOCH)))
+    else:  # the official warmup as a fraction of its stage, at least MIN_WARMUP steps (at most half the stage)
+        warmup = [min(s // 2, max(MIN_WARMUP, round(s * OFFICIAL_WARMUP[i > 0] / (e * CC3M_STEPS_PER_EPOCH))))
                   for i, (s, e) in enumerate(zip(steps, official))]
     return [dict(size=size, cfg=cfg, settings=replace(settings, steps=s, epochs=e, warmup=w),
                  samples=s * settings.batch_size * world) for size, cfg, s, e, w in zip(sizes, cfgs, steps, epochs, warmup)]
@@ -207,30 +210,42 @@ def check_manifest(out, manifest):
         json.dump(manifest, f, indent=2)
 
 
+METRICS = ("zeroshot_top1", "zeroshot_top5", "i2t_R@1", "t2i_R@1")  # the ones report.md shows (report.json: all)
+
+
 def report(stages, totals, results=None, twins=None):
-    """report.json's content and report.md's table; results / twins are train()'s metrics when trained."""
-    rows = []
-    for i, st in enumerate(stages):
-        row = {k: st[k] for k in ("size", "params", "flops_per_sample", "samples", "train_flops")}
-        if results:
-            row.update(wall_time_s=results[i]["wall_time_s"],
-                       metrics={k: v for k, v in results[i].items() if k.startswith(("zeroshot", "i2t", "t2i"))})
-        if twins:
-            row["baseline"] = dict(train_flops=st["independent_flops"], wall_time_s=twins[i]["wall_time_s"],
-                                   zeroshot_top1=twins[i].get("zeroshot_top1"))
-        rows.append(row)
-    md = ["| stage | size | params | GFLOPs/sample | samples | training FLOPs | wall (s) | zero-shot top-1 | "
-          "i2t R@1 | t2i R@1 | alone: training FLOPs | alone: zero-shot top-1 |", "|" + " --- |" * 12]
-    for i, r in enumerate(rows):
-        m, b = r.get("metrics", {}), r.get("baseline", {})
-        cells = [i + 1, r["size"], f"{r['params'] / 1e6:.1f}M", f"{r['flops_per_sample'] / 1e9:.3g}", r["samples"],
-                 f"{r['train_flops']:.3g}", f"{r['wall_time_s']:.0f}" if "wall_time_s" in r else "-",
-                 *(f"{100 * m[k]:.1f}%" if k in m else "-" for k in ("zeroshot_top1", "i2t_R@1", "t2i_R@1")),
-                 f"{stages[i]['independent_flops']:.3g}", f"{100 * b['zeroshot_top1']:.1f}%" if b else "-"]
-        md.append("| " + " | ".join(map(str, cells)) + " |")
-    md.append(f"\nChain total: {totals['train_flops']:.3g} training FLOPs; each size alone with the first stage's "
-              f"schedule: {totals['independent_flops']:.3g}, **{totals['speedup']:.2f}x** the chain. The chain costs "
-              f"**{100 * totals['saving_vs_largest']:.1f}%** less than training {stages[-1]['size']} alone.")
+    """report.json's content and report.md's text; results / twins: train()'s metrics of the chain / the baselines."""
+    def measured(r):
+        return {k: v for k, v in r.items() if k == "wall_time_s" or k.startswith(("zeroshot", "i2t", "t2i"))}
+
+    def cells(d, keys):
+        return [f"{100 * d[k]:.1f}%" if k in d else "-" for k in keys]
+    rows = [{k: st[k] for k in ("size", "params", "flops_per_sample", "samples", "train_flops")} for st in stages]
+    md = ["| stage | size | params | GFLOPs/sample | samples | training FLOPs | wall (s) | zero-shot top-1 | top-5 | "
+          "i2t R@1 | t2i R@1 |", "|" + " --- |" * 11]
+    for i, row in enumerate(rows):
+        row.update(measured(results[i]) if results else {})
+        md.append(f"| {i + 1} | {row['size']} | {row['params'] / 1e6:.1f}M | {row['flops_per_sample'] / 1e9:.3g} | "
+                  f"{row['samples']} | {row['train_flops']:.3g} | {round(row['wall_time_s']) if results else '-'} | " +
+                  " | ".join(cells(row, METRICS)) + " |")
+    if results:
+        totals["wall_time_s"] = sum(r["wall_time_s"] for r in results)
+    if twins:
+        totals["alone_wall_time_s"] = sum(r["wall_time_s"] for r in twins)
+    chain_wall = f" in {totals['wall_time_s']:.0f} s" if results else ""
+    alone_wall = f" in {totals['alone_wall_time_s']:.0f} s" if twins else ""
+    md.append(f"\nChain: {totals['train_flops']:.3g} training FLOPs{chain_wall}. Each size alone with the first stage's "
+              f"schedule: {totals['independent_flops']:.3g}{alone_wall}. The chain is **{totals['speedup']:.2f}x** "
+              f"cheaper, and **{100 * totals['saving_vs_largest']:.1f}%** cheaper than training {stages[-1]['size']} "
+              "alone.")
+    if twins:  # each model of the chain against its twin trained alone; the chain's cost to reach it is cumulative
+        md += ["\n| size | training FLOPs: chain up to it / alone | " + " | ".join(
+            f"{k}: chain / alone" for k in METRICS) + " |", "|" + " --- |" * (2 + len(METRICS))]
+        for i, (row, st, twin) in enumerate(zip(rows, stages, twins)):
+            row["alone"] = dict(train_flops=st["independent_flops"], samples=stages[0]["samples"], **measured(twin))
+            spent = sum(r["train_flops"] for r in rows[:i + 1])
+            md.append(f"| {row['size']} | {spent:.3g} / {st['independent_flops']:.3g} | " + " | ".join(
+                f"{a} / {b}" for a, b in zip(cells(row, METRICS), cells(row["alone"], METRICS))) + " |")
     return {"stages": rows, "totals": totals}, "\n".join(md) + "\n"
 
 
@@ -269,7 +284,7 @@ def parse_args(argv=None):
         if f.type is bool:
             p.add_argument(name, action="store_true", help=help)
         else:
-            p.add_argument(name, type=f.type, default=f.default, help=help)
+            p.add_argument(name, type=f.type, default=DEFAULTS.get(f.name, f.default), help=help)
     return p.parse_args(argv)
 
 

@@ -94,6 +94,12 @@ def test_default_schedule_is_the_official_one(capsys):
     args = chain.parse_args(["--sizes", "tiny,small,base,large", *CC3M])
     stages = chain.plan(args, train.Settings(data="cc3m.csv", num_samples=2905954, batch_size=1024))
     assert [st["settings"].warmup for st in stages] == [8000, 1000, 1000, 1000]
+    # the synthetic set: steps in the official proportions, warmups of at least 50 steps (at most half a stage)
+    stages = chain.plan(chain.parse_args(["--sizes", SIZES]), train.Settings(num_samples=1000))
+    first = chain.SYNTHETIC_FIRST_STEPS
+    steps = [first, round(first * 24 / 128), round(first * 16 / 128)]
+    assert [st["settings"].steps for st in stages] == steps
+    assert [st["settings"].warmup for st in stages] == [min(s // 2, 50) for s in steps]
 
 
 # -----------------------------------------------------------------------------
@@ -110,7 +116,7 @@ def test_chain_trains_resumes_and_refuses_another_command(tmp_path, monkeypatch,
     with open(os.path.join(out, "report.json")) as f:
         report = json.load(f)
     assert [s["size"] for s in report["stages"]] == SIZES.split(",")
-    assert all("zeroshot_top1" in s["metrics"] for s in report["stages"])
+    assert all("zeroshot_top1" in s and "wall_time_s" in s for s in report["stages"])
     assert os.path.exists(os.path.join(out, "report.md"))
     weights = torch.load(os.path.join(out, dirs[2], "checkpoint.pt"), weights_only=True)["model"]
 
