@@ -43,6 +43,7 @@ import torch
 
 import data
 import grow
+import interop
 import train
 import vit
 from distill import FeatureDistill
@@ -55,7 +56,7 @@ SYNTHETIC_FIRST_STEPS = 200  # the smallest model's steps on the synthetic set (
 SYNTHETIC_SHAPE = dict(image_size=32, patch_size=8, context_length=32)  # the chain's defaults on the synthetic set
 DEFAULTS = dict(batch_size=32)  # the chain's own defaults for train.py's flags
 PER_STAGE = ("epochs", "steps", "warmup", "resume")  # train.Settings fields the chain sets per stage
-RUNTIME = ("device", "workers", "eval_every", "save_every", "log_every", "grad_checkpointing")  # free on resume
+RUNTIME = ("device", "workers", "eval_every", "save_every", "log_every", "grad_checkpointing", "compile")  # free on resume
 
 
 # -----------------------------------------------------------------------------
@@ -135,6 +136,10 @@ def ledger(cfgs, samples, captions=1):
 # the chain
 
 
+def main_process():  # under torchrun: rank 0, the one that writes files and prints
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def load_model(stage_dir):
     ckpt = torch.load(os.path.join(stage_dir, "checkpoint.pt"), map_location="cpu", weights_only=True)
     model = vit.CLIP(vit.CLIPConfig.from_dict(ckpt["config"]))
@@ -143,28 +148,38 @@ def load_model(stage_dir):
 
 
 def run_stage(stage_dir, build):
-    """Train once: a finished stage (result.json) is read back, an interrupted one resumes from its checkpoint."""
+    """Train once: a finished stage (result.json) is read back, an interrupted one resumes from its checkpoint.
+    Under torchrun every rank trains (train() returns rank 0's metrics everywhere); rank 0 writes result.json."""
     path = os.path.join(stage_dir, "result.json")
-    if not os.path.exists(path):
-        result = build()
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    result = json.loads(json.dumps(build()))  # as it reads back
+    if main_process():
         with open(path, "w") as f:
             json.dump(result, f, indent=2)
-    with open(path) as f:
-        return json.load(f)
+    return result
 
 
-def run_chain(stages, out, grow_method, alpha):
+def run_chain(stages, out, grow_method, alpha, init_from="", first_teacher=""):
     results, previous = [], None
     for i, st in enumerate(stages):
         stage_dir = os.path.join(out, f"{i + 1}-{st['size']}")
-        print(f"== stage {i + 1}/{len(stages)}: {st['size']}" +
-              (f", grown from {previous} ({grow_method}) + FD" if previous else ", from scratch"), flush=True)
+        if main_process():
+            print(f"== stage {i + 1}/{len(stages)}: {st['size']}" +
+                  (f", grown from {previous} ({grow_method}) + FD" if previous else
+                   f", from {init_from}" if init_from else ", from scratch"), flush=True)
 
         def build(st=st, previous=previous):
             torch.manual_seed(st["settings"].seed)
             model = vit.CLIP(st["cfg"])  # fresh init: it fills whatever the growth does not cover
-            if previous is None:  # the smallest model: from scratch
-                return train.train(model, st["settings"], stage_dir)
+            if previous is None:  # the smallest model: from scratch, or from --init-from; FD towards --teacher
+                if init_from:
+                    train.initialise(model, *interop.load_state_dict_any(init_from), method=grow_method,
+                                     seed=st["settings"].seed, source=f"--init-from {init_from}")
+                teacher = interop.load_model(first_teacher) if first_teacher else None
+                distill = FeatureDistill(model.cfg.embed_dim, teacher.cfg.embed_dim, alpha) if teacher else None
+                return train.train(model, st["settings"], stage_dir, teacher=teacher, distill=distill)
             teacher = load_model(previous)  # the trained predecessor
             model.load_state_dict(grow.grow(teacher.state_dict(), model.state_dict(), teacher.cfg, model.cfg,
                                             method=grow_method, seed=st["settings"].seed))  # parameter space
@@ -180,7 +195,8 @@ def run_baselines(stages, out, first):
     """Every size trained alone with the first stage's schedule; the smallest is the chain's first stage itself."""
     twins = [first]
     for st in stages[1:]:
-        print(f"== baseline: {st['size']} from scratch", flush=True)
+        if main_process():
+            print(f"== baseline: {st['size']} from scratch", flush=True)
 
         def build(st=st):
             torch.manual_seed(st["settings"].seed)
@@ -205,9 +221,11 @@ def check_manifest(out, manifest):
             if old.get(key) != manifest.get(key):
                 raise ValueError(f"{out} holds another chain run ({key}: {old.get(key)} there, {manifest.get(key)} "
                                  "in this command); rerun its command to resume it, or pass another --out")
-    os.makedirs(out, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(manifest, f, indent=2)
+    train.from_rank0(None)  # under torchrun: every rank has read it before rank 0 rewrites it
+    if main_process():
+        os.makedirs(out, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(manifest, f, indent=2)
 
 
 METRICS = ("zeroshot_top1", "zeroshot_top5", "i2t_R@1", "t2i_R@1")  # the ones report.md shows (report.json: all)
@@ -265,6 +283,9 @@ def parse_args(argv=None):
                    "8000 / 1000 steps as the same fraction of each stage)")
     p.add_argument("--grow", default="lossless", choices=grow.METHODS, help="growth operator (see grow.py)")
     p.add_argument("--alpha", type=float, default=500.0, help="weight of the feature-distillation loss")
+    p.add_argument("--init-from", default="", help="start the first stage from this checkpoint (open_clip, the CoM-PT "
+                   "zoo or ours): loaded when it has the first size's shape, grown (--grow) when smaller")
+    p.add_argument("--teacher", default="", help="distil the first stage towards this checkpoint too (--alpha)")
     p.add_argument("--baseline", action="store_true", help="also train every size alone with the first stage's "
                    "schedule, and compare")
     p.add_argument("--out", default="runs/chain", help="output folder of the run")
@@ -293,6 +314,7 @@ def main(argv=None):
     settings = train.Settings(**{f.name: getattr(args, f.name) for f in fields(train.Settings) if f.name not in PER_STAGE})
     try:
         train.check_settings(settings)
+        train.init_distributed(train.pick_device(settings.device))  # under torchrun: one process group, all stages
         stages = plan(args, settings)
         rows, totals = ledger([st["cfg"] for st in stages], [st["samples"] for st in stages],
                               settings.captions_per_image)
@@ -302,16 +324,21 @@ def main(argv=None):
             print(report(stages, totals)[1])
             return report(stages, totals)[0]
         check_manifest(args.out, dict(
-            sizes=[st["size"] for st in stages], grow=args.grow, alpha=args.alpha,
+            sizes=[st["size"] for st in stages], grow=args.grow, alpha=args.alpha, init_from=args.init_from,
+            teacher=args.teacher,
             steps=[st["settings"].steps for st in stages], warmup=[st["settings"].warmup for st in stages],
             **{k: v for k, v in asdict(settings).items() if k not in RUNTIME + PER_STAGE},
             models=[st["cfg"].to_dict() for st in stages]))
         t0 = time.time()
-        results = run_chain(stages, args.out, args.grow, args.alpha)
+        results = run_chain(stages, args.out, args.grow, args.alpha, args.init_from, args.teacher)
         twins = run_baselines(stages, args.out, results[0]) if args.baseline else None
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        train.destroy_distributed()
+    if not main_process():
+        return None
     out, md = report(stages, totals, results, twins)
     out.update(command=sys.argv if argv is None else ["chain.py", *argv], git=train.git_hash(),
                session_wall_time_s=time.time() - t0)

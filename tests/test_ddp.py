@@ -3,7 +3,7 @@ environment variables. Pinned: 2 ranks at batch b give the loss and the gradient
 same samples (CLIP loss over the global batch, FD per sample); a 2-rank train() trains like 1 process at twice the
 batch, writes one checkpoint without wrapper prefixes and one set of records, keeps the ranks identical, returns
 rank 0's metrics everywhere, exports an open_clip local-dir (that open_clip loads, when installed), and resumes
-exactly on every rank."""
+exactly on every rank; a 2-stage chain under the same group completes with one report."""
 import json
 import os
 import socket
@@ -13,6 +13,7 @@ import torch
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import chain
 import data
 import interop
 import train
@@ -96,6 +97,11 @@ def worker(rank, port, tmp):
         model = tiny_model(0)
         train.train(model, settings(), os.path.join(tmp, "resumed"))
         saw["resumed"] = model.state_dict()
+        # a 2-stage chain (grow + FD) under the same process group, as `torchrun chain.py` runs it
+        saw["chain"] = chain.main(["--sizes", "cpu-tiny,cpu-small", "--steps", "2,2", "--batch-size", str(B),
+                                   "--num-samples", "32", "--image-size", "32", "--patch-size", "16",
+                                   "--context-length", "16", "--device", "cpu", "--eval-every", "0",
+                                   "--out", os.path.join(tmp, "chain")])
         torch.save(saw, os.path.join(tmp, f"rank{rank}.pt"))
     finally:
         train.destroy_distributed()
@@ -157,6 +163,19 @@ def test_a_resumed_two_rank_run_ends_where_a_straight_one_does(ranks):
     for saw in saws:  # every rank restored the checkpoint and ended where the uninterrupted run did
         assert saw["resumed_from"] == 2
         assert all(torch.equal(saw["resumed"][k], v) for k, v in straight.items())
+
+
+def test_a_two_rank_chain_completes_with_one_report(ranks):
+    tmp, (saw0, saw1) = ranks
+    out = os.path.join(tmp, "chain")
+    assert saw1["chain"] is None  # rank 0 alone writes the report
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert [s["size"] for s in report["stages"]] == ["cpu-tiny", "cpu-small"]
+    assert [s["samples"] for s in report["stages"]] == [2 * WORLD * B, 2 * WORLD * B]  # global batches
+    for d in ("1-cpu-tiny", "2-cpu-small"):
+        ckpt = torch.load(os.path.join(out, d, "checkpoint.pt"), weights_only=True)
+        assert ckpt["step"] == 2 and ckpt["world_size"] == WORLD
+    assert saw0["chain"]["stages"] == report["stages"]
 
 
 def test_open_clip_loads_the_export_of_a_two_rank_run(ranks):
