@@ -428,6 +428,9 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
                                        world_size=world_size, num_samples=s.num_samples or None)
     steps_per_epoch = train_data.steps_per_epoch
     total_steps = s.steps or s.epochs * steps_per_epoch
+    if main_process:
+        print(f"data: {s.data}: {train_data.num_samples} samples, {steps_per_epoch} steps of {s.batch_size * world_size} "
+              f"per epoch; training {total_steps} steps", flush=True)
 
     model.to(device).train()
     model.set_grad_checkpointing(s.grad_checkpointing)
@@ -484,7 +487,8 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
     def run_eval():  # rank 0 evaluates; the others wait for its metrics
         metrics = from_rank0(evaluate(model, eval_sets, device, precision) if main_process else None)
         log({"step": step, "epoch": step / steps_per_epoch, **metrics},
-            f"step {step} eval: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()), always=True)
+            f"step {step} eval: " + (" ".join(f"{k} {v:.4f}" for k, v in metrics.items()) or
+                                     "no eval sets (see --zeroshot-data, --val-data)"), always=True)
         return metrics
 
     bar = tqdm(total=total_steps, initial=step, disable=not tty, unit="step", dynamic_ncols=True)
@@ -523,7 +527,7 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
         interop.export_open_clip(model, cfg, os.path.join(out_dir, "open_clip"))
     metrics = run_eval()  # after the writes: once train() returns, every rank can read them
     skipped = sum(all_ranks(train_data.skipped), Counter())
-    return {"step": step, "samples_seen": step * s.batch_size * world_size,
+    return {"step": step, "num_samples": train_data.num_samples, "samples_seen": step * s.batch_size * world_size,
             "wall_time_s": wall_time + time.time() - t_start, **losses, **metrics,
             "skipped": dict(skipped)}  # bad samples of this run, by kind, on all ranks
 
