@@ -13,7 +13,10 @@ predecessor (distill.py: the feature-space transfer), for far fewer epochs than 
 Schedule. `--epochs` / `--steps` / `--warmup` take one value per stage. By default they follow the official CC3M
 scripts: the smallest model 128 epochs with 8000 warmup steps, the grown ones 24, 16, 16 epochs with 1000 (a longer
 chain repeats 16); the warmups are kept as the same fraction of each stage. On the synthetic set the default is in
-steps, SYNTHETIC_FIRST_STEPS for the smallest model and the official proportions for the rest.
+steps, SYNTHETIC_FIRST_STEPS for the smallest model and the official proportions for the rest. `--lr` (one value, or
+one per stage) is the official 1e-3, except for the grown models on the synthetic set: their stages are a few dozen
+steps, and a grown model already sits at its predecessor's loss, so a full 1e-3 peak mostly undoes what it inherited;
+they get SYNTHETIC_GROWN_LR (2e-4), the LEMON lesson of a lower peak learning rate after growth (notes/growth.md §3.6).
 
 Cost (notes/clip_ecosystem.md §4.6). A stage costs samples x (3 x student + 1 x teacher) forward FLOPs per sample
 (vit.image_text_flops, the text cost x captions per image); the acceleration ratio is the cost of training every size
@@ -51,11 +54,13 @@ from distill import FeatureDistill
 OFFICIAL_EPOCHS = (128, 24, 16, 16)  # training_script/cc3m_vit: tiny from scratch, then small, base, large
 OFFICIAL_WARMUP = (8000, 1000)       # steps: the smallest model, every grown one
 CC3M_STEPS_PER_EPOCH = 2_905_954 // 1024  # the official global batch, 8 GPUs x 128
+OFFICIAL_LR = 1e-3
 MIN_WARMUP = 50  # ~1 / (1 - beta2) steps: AdamW's second-moment estimate needs about that long to settle
 SYNTHETIC_FIRST_STEPS = 200  # the smallest model's steps on the synthetic set (tiny,small,base: minutes on 2 CPU cores)
+SYNTHETIC_GROWN_LR = 2e-4  # the grown models' peak lr on the synthetic set (see the docstring)
 SYNTHETIC_SHAPE = dict(image_size=32, patch_size=8, context_length=32)  # the chain's defaults on the synthetic set
 DEFAULTS = dict(batch_size=32)  # the chain's own defaults for train.py's flags
-PER_STAGE = ("epochs", "steps", "warmup", "resume")  # train.Settings fields the chain sets per stage
+PER_STAGE = ("epochs", "steps", "warmup", "lr", "resume")  # train.Settings fields the chain sets per stage
 RUNTIME = ("device", "workers", "eval_every", "save_every", "log_every", "grad_checkpointing", "compile")  # free on resume
 
 
@@ -74,14 +79,15 @@ def parse_sizes(text):
     return sizes
 
 
-def per_stage(text, n, flag):
+def per_stage(text, n, flag, kind=int):
+    """A comma list with one value per stage, or one value for every stage."""
     try:
-        values = [int(v) for v in text.split(",")]
+        values = [kind(v) for v in text.split(",")]
     except ValueError:
-        raise ValueError(f"{flag} {text}: expected a comma list of integers, one per stage") from None
-    if len(values) != n or min(values) < 0:
-        raise ValueError(f"{flag} {text}: expected {n} values (one per size), none negative")
-    return values
+        raise ValueError(f"{flag} {text}: expected a comma list of {kind.__name__}s, one per stage") from None
+    if len(values) not in (1, n) or min(values) < 0:
+        raise ValueError(f"{flag} {text}: expected one value or {n} (one per size), none negative")
+    return values * n if len(values) == 1 else values
 
 
 def model_config(size, a):
@@ -116,8 +122,16 @@ def plan(args, settings):
     else:  # the official warmup as a fraction of its stage, at least MIN_WARMUP steps (at most half the stage)
         warmup = [min(s // 2, max(MIN_WARMUP, round(s * OFFICIAL_WARMUP[i > 0] / (e * CC3M_STEPS_PER_EPOCH))))
                   for i, (s, e) in enumerate(zip(steps, official))]
-    return [dict(size=size, cfg=cfg, settings=replace(settings, steps=s, epochs=e, warmup=w),
-                 samples=s * settings.batch_size * world) for size, cfg, s, e, w in zip(sizes, cfgs, steps, epochs, warmup)]
+    if args.lr:
+        lr = per_stage(args.lr, n, "--lr", float)
+    else:  # the official 1e-3 everywhere; on the synthetic set's short stages, lower for the grown models (docstring)
+        lr = [OFFICIAL_LR] + [OFFICIAL_LR if settings.data != "synthetic" else SYNTHETIC_GROWN_LR] * (n - 1)
+    stages = [dict(size=size, cfg=cfg, settings=replace(settings, steps=s, epochs=e, warmup=w, lr=r),
+                   samples=s * settings.batch_size * world)
+              for size, cfg, s, e, w, r in zip(sizes, cfgs, steps, epochs, warmup, lr)]
+    for st in stages:
+        train.check_settings(st["settings"])  # a bad value stops the run before any stage trains
+    return stages
 
 
 def ledger(cfgs, samples, captions=1):
@@ -281,6 +295,8 @@ def parse_args(argv=None):
                    f"(default on synthetic data: {SYNTHETIC_FIRST_STEPS} for the first, the official proportions after)")
     p.add_argument("--warmup", default="", help="warmup steps per stage, comma list (default: the official "
                    "8000 / 1000 steps as the same fraction of each stage)")
+    p.add_argument("--lr", default="", help="peak AdamW learning rate per stage, comma list (default: "
+                   f"{OFFICIAL_LR:g}, official; on synthetic data {SYNTHETIC_GROWN_LR:g} for the grown models)")
     p.add_argument("--grow", default="lossless", choices=grow.METHODS, help="growth operator (see grow.py)")
     p.add_argument("--alpha", type=float, default=500.0, help="weight of the feature-distillation loss")
     p.add_argument("--init-from", default="", help="start the first stage from this checkpoint (open_clip, the CoM-PT "
@@ -326,7 +342,7 @@ def main(argv=None):
         check_manifest(args.out, dict(
             sizes=[st["size"] for st in stages], grow=args.grow, alpha=args.alpha, init_from=args.init_from,
             teacher=args.teacher,
-            steps=[st["settings"].steps for st in stages], warmup=[st["settings"].warmup for st in stages],
+            **{k: [getattr(st["settings"], k) for st in stages] for k in ("steps", "warmup", "lr")},
             **{k: v for k, v in asdict(settings).items() if k not in RUNTIME + PER_STAGE},
             models=[st["cfg"].to_dict() for st in stages]))
         t0 = time.time()
