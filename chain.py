@@ -10,13 +10,15 @@ predecessor (distill.py: the feature-space transfer), for far fewer epochs than 
     python chain.py --sizes tiny,small,base,large --data 'cc3m/{00000..00331}.tar' --epochs 128,24,16,16 \
         --captions-per-image 7 --batch-size 128              # the paper's CC3M chain (x 8 GPUs under torchrun)
 
-Schedule. `--epochs` / `--steps` / `--warmup` take one value per stage. By default they follow the official CC3M
-scripts: the smallest model 128 epochs with 8000 warmup steps, the grown ones 24, 16, 16 epochs with 1000 (a longer
-chain repeats 16); the warmups are kept as the same fraction of each stage. On the synthetic set the default is in
-steps, SYNTHETIC_FIRST_STEPS for the smallest model and the official proportions for the rest. `--lr` (one value, or
-one per stage) is the official 1e-3, except for the grown models on the synthetic set: their stages are a few dozen
-steps, and a grown model already sits at its predecessor's loss, so a full 1e-3 peak mostly undoes what it inherited;
-they get SYNTHETIC_GROWN_LR (2e-4), the LEMON lesson of a lower peak learning rate after growth (notes/growth.md §3.6).
+Schedule. `--epochs`, `--steps`, `--warmup` and `--lr` take one value per stage (or one for all). By default they
+follow the official CC3M scripts: the smallest model 128 epochs with 8000 warmup steps, the grown ones 24, 16, 16
+epochs (a longer chain repeats 16) with 1000, all at peak lr 1e-3; the warmups are kept as the same fraction of each
+stage, but at least MIN_WARMUP steps. On the embedded synthetic set the defaults are sized for a CPU: 32 px images,
+patch 8, 32 tokens, batch 32, SYNTHETIC_FIRST_STEPS steps for the smallest model and the official proportions for the
+rest, and a lower peak lr for the grown models (SYNTHETIC_GROWN_LR). Deviation: a grown model restarting at 1e-3
+first loses accuracy and needs a long stage to win it back (the official stages are ~45k steps): in the default
+CPU chain's stages of tens of steps the grown models end below their predecessor at 1e-3 and about level with it
+(better retrieval) at 2e-4 (README).
 
 Cost (notes/clip_ecosystem.md §4.6). A stage costs samples x (3 x student + 1 x teacher) forward FLOPs per sample
 (vit.image_text_flops, the text cost x captions per image); the acceleration ratio is the cost of training every size

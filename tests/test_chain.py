@@ -55,6 +55,7 @@ def test_sizes_must_ascend(sizes, fix, capsys):
 def test_unknown_size_and_bad_lists_are_one_line_errors(capsys, tmp_path):
     assert "cpu-huge" in error_of(["--sizes", "cpu-tiny,cpu-huge", "--dry-run"], capsys)
     assert "--epochs" in error_of(["--sizes", SIZES, "--epochs", "4,2", "--dry-run"], capsys)
+    assert "--lr" in error_of(["--sizes", SIZES, "--lr", "1e-3,0,1e-3", "--dry-run"], capsys)
     assert "--steps" in error_of(["--sizes", SIZES, "--steps", "4,x,1", "--dry-run"], capsys)
     assert not os.path.exists(tmp_path / "run")
 
@@ -94,12 +95,17 @@ def test_default_schedule_is_the_official_one(capsys):
     args = chain.parse_args(["--sizes", "tiny,small,base,large", *CC3M])
     stages = chain.plan(args, train.Settings(data="cc3m.csv", num_samples=2905954, batch_size=1024))
     assert [st["settings"].warmup for st in stages] == [8000, 1000, 1000, 1000]
+    assert [st["settings"].lr for st in stages] == [1e-3] * 4
     # the synthetic set: steps in the official proportions, warmups of at least 50 steps (at most half a stage)
     stages = chain.plan(chain.parse_args(["--sizes", SIZES]), train.Settings(num_samples=1000))
     first = chain.SYNTHETIC_FIRST_STEPS
     steps = [first, round(first * 24 / 128), round(first * 16 / 128)]
     assert [st["settings"].steps for st in stages] == steps
     assert [st["settings"].warmup for st in stages] == [min(s // 2, 50) for s in steps]
+    assert [st["settings"].lr for st in stages] == [1e-3] + [chain.SYNTHETIC_GROWN_LR] * 2
+    # one value stands for every stage
+    stages = chain.plan(chain.parse_args(["--sizes", SIZES, "--steps", "7", "--lr", "3e-4"]), train.Settings())
+    assert [(st["settings"].steps, st["settings"].lr) for st in stages] == [(7, 3e-4)] * 3
 
 
 # -----------------------------------------------------------------------------
