@@ -58,7 +58,7 @@ OFFICIAL_WARMUP = (8000, 1000)       # steps: the smallest model, every grown on
 CC3M_STEPS_PER_EPOCH = 2_905_954 // 1024  # the official global batch, 8 GPUs x 128
 OFFICIAL_LR = 1e-3
 MIN_WARMUP = 50  # ~1 / (1 - beta2) steps: AdamW's second-moment estimate needs about that long to settle
-SYNTHETIC_FIRST_STEPS = 300  # the smallest model's steps on the synthetic set (tiny,small,base: minutes on 2 CPU cores)
+SYNTHETIC_FIRST_STEPS = 200  # the smallest model's steps on the synthetic set (tiny,small,base: minutes on 2 CPU cores)
 SYNTHETIC_GROWN_LR = 2e-4  # the grown models' peak lr on the synthetic set (see the docstring)
 SYNTHETIC_SHAPE = dict(image_size=32, patch_size=8, context_length=32)  # the chain's defaults on the synthetic set
 DEFAULTS = dict(batch_size=32)  # the chain's own defaults for train.py's flags
