@@ -315,15 +315,7 @@ def parse_args(argv=None):
                    f"{SYNTHETIC_SHAPE['patch_size']} on synthetic data)")
     p.add_argument("--context-length", type=int, default=0, help="text length in tokens (0: 77, or "
                    f"{SYNTHETIC_SHAPE['context_length']} on synthetic data)")
-    # train.py's flags, for every stage
-    for f in fields(train.Settings):
-        if f.name in PER_STAGE:
-            continue
-        name, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
-        if f.type is bool:
-            p.add_argument(name, action="store_true", help=help)
-        else:
-            p.add_argument(name, type=f.type, default=DEFAULTS.get(f.name, f.default), help=help)
+    train.add_settings_args(p, skip=PER_STAGE, defaults=DEFAULTS)  # train.py's flags, for every stage
     return p.parse_args(argv)
 
 

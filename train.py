@@ -536,6 +536,21 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
 # command line
 
 
+def add_settings_args(parser, skip=(), defaults=None):
+    """One flag --field-name per field of Settings (chain.py shares them), except those in `skip`; `defaults`
+    overrides some fields' defaults."""
+    defaults = defaults or {}
+    for f in fields(Settings):
+        if f.name in skip:
+            continue
+        name, help, default = "--" + f.name.replace("_", "-"), f.metadata["help"], defaults.get(f.name, f.default)
+        if f.type is bool:
+            parser.add_argument(name, action="store_true", help=help)
+        else:
+            parser.add_argument(name, type=f.type, default=default,
+                                help=help + (f" (default: {default})" if default not in ("", 0) else ""))
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train one CLIP model (optionally distilled from a teacher).")
     # the model: its size and the data-dependent shape (0: the data's default)
@@ -554,14 +569,7 @@ def parse_args(argv=None):
     p.add_argument("--grow-method", default="lossless", choices=grow.METHODS, help="growth of a smaller --init-from")
     p.add_argument("--teacher", default="", help="distil towards this checkpoint's features (CoM-PT's FD loss)")
     p.add_argument("--alpha", type=float, default=500.0, help="weight of the feature-distillation loss (--teacher)")
-    # everything else: the fields of Settings
-    for f in fields(Settings):
-        name, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
-        if f.type is bool:
-            p.add_argument(name, action="store_true", help=help)
-        else:
-            p.add_argument(name, type=f.type, default=f.default, help=help + (f" (default: {f.default})" if f.default
-                                                                                 not in ("", 0) else ""))
+    add_settings_args(p)  # everything else: the fields of Settings
     return p.parse_args(argv)
 
 
