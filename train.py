@@ -357,15 +357,17 @@ def git_hash():
         return "unknown"
 
 
-def load_checkpoint(path, model, optimizer, distill, settings, device, scaler=NO_SCALER, world_size=1):
-    """Restore a run from `path` for an exact resume; returns (step, wall time so far in seconds)."""
+def load_checkpoint(path, model, optimizer, distill, settings, device, scaler=NO_SCALER, world_size=1, sharded=False):
+    """Restore a run from `path` for an exact resume; returns (step, wall time so far in seconds). sharded: the data
+    are tar shards, whose batch order also depends on the number of workers (data.ShardStream)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if ckpt["config"] != model.cfg.to_dict():
         raise ValueError(f"checkpoint {path} holds a model of another config; use another --out or --resume none")
-    for key in ("data", "batch_size", "seed"):  # these fix the data stream: another value cannot resume exactly
+    for key in ("data", "batch_size", "seed") + (("workers",) if sharded else ()):  # they fix the data stream
         if ckpt["settings"][key] != getattr(settings, key):
+            why = " (the batch order of shards depends on it)" if key == "workers" else ""
             raise ValueError(f"checkpoint {path} was trained with {key}={ckpt['settings'][key]!r}, not "
-                             f"{getattr(settings, key)!r}; resume with the same value, or use another --out")
+                             f"{getattr(settings, key)!r}{why}; resume with the same value, or use another --out")
     if ckpt.get("world_size", 1) != world_size:  # so does the number of processes (the global batch)
         raise ValueError(f"checkpoint {path} was trained by {ckpt.get('world_size', 1)} processes, not {world_size}; "
                          "resume with as many (torchrun --nproc_per_node x --nnodes), or use another --out")
@@ -447,8 +449,8 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
     # resume from out/checkpoint.pt when present ("auto"), from a given file, or not at all ("none")
     ckpt_path = os.path.join(out_dir, "checkpoint.pt")
     resume = {"auto": ckpt_path if os.path.exists(ckpt_path) else None, "none": None}.get(s.resume, s.resume)
-    step, wall_time = load_checkpoint(resume, model, optimizer, distill, s, device, scaler,
-                                      world_size) if resume else (0, 0.0)
+    step, wall_time = load_checkpoint(resume, model, optimizer, distill, s, device, scaler, world_size,
+                                      sharded=isinstance(train_data.dataset, data.ShardStream)) if resume else (0, 0.0)
     if world_size > 1:  # one wrapper for the student and its projector: their gradients are averaged over the ranks
         objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
     eval_sets = data.build_eval_sets(s.data, **shape, **source, zeroshot_data=s.zeroshot_data or None,

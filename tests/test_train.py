@@ -1,5 +1,6 @@
 """Tests of train.py: optimizer groups, schedule, clamp, gradients, precision and compile switches, metrics, end-to-end
 run, exact resume, NaN stop, --init-from / --teacher. DDP: tests/test_ddp.py."""
+import dataclasses
 import functools
 import json
 import math
@@ -257,6 +258,19 @@ def test_tiny_run_writes_checkpoint_metrics_and_config(tmp_path):
     with pytest.raises(ValueError, match="batch_size=8"):
         train.train(tiny_model(), tiny_settings(steps=6, num_samples=32, batch_size=4), str(tmp_path))
 
+
+
+def test_resume_refuses_another_worker_count_for_shards_only(tmp_path):
+    from test_data import make_shards  # img2dataset's layout, 3 shards x 8 samples
+    shards = make_shards(tmp_path / "shards")
+    settings = tiny_settings(steps=2, num_samples=0, batch_size=4, eval_every=0, data=str(shards))
+    train.train(tiny_model(), settings, str(tmp_path / "run"))
+    more = dataclasses.replace(settings, steps=3, workers=1)  # shards: the batch order depends on the workers
+    with pytest.raises(ValueError, match=r"workers=0, not 1 \(the batch order of shards depends on it\)"):
+        train.train(tiny_model(), more, str(tmp_path / "run"))
+    synthetic = tiny_settings(steps=2, eval_every=0)  # map-style sources: the order does not depend on them
+    train.train(tiny_model(), synthetic, str(tmp_path / "syn"))
+    assert train.train(tiny_model(), dataclasses.replace(synthetic, steps=3, workers=1), str(tmp_path / "syn"))["step"] == 3
 
 class Interrupt(Exception):
     pass
