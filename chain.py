@@ -15,10 +15,9 @@ follow the official CC3M scripts: the smallest model 128 epochs with 8000 warmup
 epochs (a longer chain repeats 16) with 1000, all at peak lr 1e-3; the warmups are kept as the same fraction of each
 stage, but at least MIN_WARMUP steps. On the embedded synthetic set the defaults are sized for a CPU: 32 px images,
 patch 8, 32 tokens, batch 32, SYNTHETIC_FIRST_STEPS steps for the smallest model and the official proportions for the
-rest, and a lower peak lr for the grown models (SYNTHETIC_GROWN_LR). Deviation: a grown model restarting at 1e-3
-first loses accuracy and needs a long stage to win it back (the official stages are ~45k steps): in the default
-CPU chain's stages of tens of steps the grown models end below their predecessor at 1e-3 and about level with it
-(better retrieval) at 2e-4 (README).
+rest. The grown models keep the official peak lr: it costs a lossless-grown model some accuracy in its first steps,
+which it wins back within a few hundred steps; a lower peak (2e-4) kept the grown models near their predecessor
+instead (README, "First evidence").
 
 Cost (notes/clip_ecosystem.md §4.6). A stage costs samples x (3 x student + 1 x teacher) forward FLOPs per sample
 (vit.image_text_flops, the text cost x captions per image); the acceleration ratio is the cost of training every size
@@ -59,7 +58,6 @@ CC3M_STEPS_PER_EPOCH = 2_905_954 // 1024  # the official global batch, 8 GPUs x 
 OFFICIAL_LR = 1e-3
 MIN_WARMUP = 50  # ~1 / (1 - beta2) steps: AdamW's second-moment estimate needs about that long to settle
 SYNTHETIC_FIRST_STEPS = 200  # the smallest model's steps on the synthetic set (tiny,small,base: minutes on 2 CPU cores)
-SYNTHETIC_GROWN_LR = 2e-4  # the grown models' peak lr on the synthetic set (see the docstring)
 SYNTHETIC_SHAPE = dict(image_size=32, patch_size=8, context_length=32)  # the chain's defaults on the synthetic set
 DEFAULTS = dict(batch_size=32)  # the chain's own defaults for train.py's flags
 PER_STAGE = ("epochs", "steps", "warmup", "lr", "resume")  # train.Settings fields the chain sets per stage
@@ -126,8 +124,8 @@ def plan(args, settings):
                   for i, (s, e) in enumerate(zip(steps, official))]
     if args.lr:
         lr = per_stage(args.lr, n, "--lr", float)
-    else:  # the official 1e-3 everywhere; on the synthetic set's short stages, lower for the grown models (docstring)
-        lr = [OFFICIAL_LR] + [OFFICIAL_LR if settings.data != "synthetic" else SYNTHETIC_GROWN_LR] * (n - 1)
+    else:  # the official peak, for every stage
+        lr = [OFFICIAL_LR] * n
     stages = [dict(size=size, cfg=cfg, settings=replace(settings, steps=s, epochs=e, warmup=w, lr=r),
                    samples=s * settings.batch_size * world)
               for size, cfg, s, e, w, r in zip(sizes, cfgs, steps, epochs, warmup, lr)]
@@ -298,7 +296,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", default="", help="warmup steps per stage, comma list (default: the official "
                    "8000 / 1000 steps as the same fraction of each stage)")
     p.add_argument("--lr", default="", help="peak AdamW learning rate per stage, comma list (default: "
-                   f"{OFFICIAL_LR:g}, official; on synthetic data {SYNTHETIC_GROWN_LR:g} for the grown models)")
+                   f"{OFFICIAL_LR:g}, official)")
     p.add_argument("--grow", default="lossless", choices=grow.METHODS, help="growth operator (see grow.py)")
     p.add_argument("--alpha", type=float, default=500.0, help="weight of the feature-distillation loss")
     p.add_argument("--init-from", default="", help="start the first stage from this checkpoint (open_clip, the CoM-PT "
