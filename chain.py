@@ -150,10 +150,6 @@ def ledger(cfgs, samples, captions=1):
 # the chain
 
 
-def main_process():  # under torchrun: rank 0, the one that writes files and prints
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def load_model(stage_dir):
     ckpt = torch.load(os.path.join(stage_dir, "checkpoint.pt"), map_location="cpu", weights_only=True)
     model = vit.CLIP(vit.CLIPConfig.from_dict(ckpt["config"]))
@@ -169,7 +165,7 @@ def run_stage(stage_dir, build):
         with open(path) as f:
             return json.load(f)
     result = json.loads(json.dumps(build()))  # as it reads back
-    if main_process():
+    if train.is_rank0():
         with open(path, "w") as f:
             json.dump(result, f, indent=2)
     return result
@@ -179,7 +175,7 @@ def run_chain(stages, out, grow_method, alpha, init_from="", first_teacher=""):
     results, previous = [], None
     for i, st in enumerate(stages):
         stage_dir = os.path.join(out, f"{i + 1}-{st['size']}")
-        if main_process():
+        if train.is_rank0():
             print(f"== stage {i + 1}/{len(stages)}: {st['size']}" +
                   (f", grown from {previous} ({grow_method}) + FD" if previous else
                    f", from {init_from}" if init_from else ", from scratch"), flush=True)
@@ -209,7 +205,7 @@ def run_baselines(stages, out, first):
     """Every size trained alone with the first stage's schedule; the smallest is the chain's first stage itself."""
     twins = [first]
     for st in stages[1:]:
-        if main_process():
+        if train.is_rank0():
             print(f"== baseline: {st['size']} from scratch", flush=True)
 
         def build(st=st):
@@ -236,7 +232,7 @@ def check_manifest(out, manifest):
                 raise ValueError(f"{out} holds another chain run ({key}: {old.get(key)} there, {manifest.get(key)} "
                                  "in this command); rerun its command to resume it, or pass another --out")
     train.from_rank0(None)  # under torchrun: every rank has read it before rank 0 rewrites it
-    if main_process():
+    if train.is_rank0():
         os.makedirs(out, exist_ok=True)
         with open(path, "w") as f:
             json.dump(manifest, f, indent=2)
@@ -345,7 +341,7 @@ def main(argv=None):
         sys.exit(2)
     finally:
         train.destroy_distributed()
-    if not main_process():
+    if not train.is_rank0():
         return None
     out, md = report(stages, totals, results, twins)
     out.update(command=sys.argv if argv is None else ["chain.py", *argv], git=train.git_hash(),

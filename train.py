@@ -166,6 +166,11 @@ def init_distributed(device):
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=1))
 
 
+def is_rank0():
+    """Whether this process writes files and prints: rank 0 under torchrun, or the only process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def destroy_distributed():
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -609,7 +614,7 @@ def main(argv=None):
         sys.exit(1)
     finally:
         destroy_distributed()
-    if int(os.environ.get("RANK", 0)) == 0:
+    if is_rank0():
         print(json.dumps(metrics, indent=2))
 
 
