@@ -50,12 +50,11 @@ from torchvision.models import ResNet50_Weights
 from tqdm import tqdm
 
 from tokenizer import get_tokenizer, tokenize  # noqa: F401  (re-exported)
+from vit import MEAN, STD  # CLIP's input normalisation
 
 # -----------------------------------------------------------------------------
 # transforms (open_clip's image_transform)
 
-MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP
-STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _to_rgb(image):
@@ -77,9 +76,18 @@ def eval_transform(image_size):
 # -----------------------------------------------------------------------------
 # the synthetic caption set
 
-SYNTHETIC_IMAGE_SIZE = 32      # small shapes stay recognisable; a ViT with patch 8 sees 16 tokens
-SYNTHETIC_CONTEXT_LENGTH = 48  # the longest caption is 46 bytes, + SOT + EOT
+SYNTHETIC_SHAPE = dict(image_size=32, patch_size=8, context_length=48, tokenizer="byte")  # the longest caption: 46 bytes
+REAL_SHAPE = dict(image_size=224, patch_size=16, context_length=77, tokenizer="clip-bpe")  # CLIP's ViT-*-16
 SYNTHETIC_NUM_SAMPLES = 10_000
+
+
+def default_shape(source, bpe=""):
+    """The model's data-dependent shape for a data source (image size, patch size, context length, tokenizer): the
+    synthetic set's own, or CLIP's for real data. A given BPE vocabulary file selects the CLIP BPE tokenizer."""
+    shape = dict(SYNTHETIC_SHAPE if source == "synthetic" else REAL_SHAPE)
+    if bpe:
+        shape["tokenizer"] = "clip-bpe"
+    return shape
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40),
            "purple": (140, 50, 180), "cyan": (40, 200, 210), "pink": (245, 140, 190), "white": (245, 245, 245)}
@@ -115,7 +123,7 @@ def _draw_shape(draw, shape, cx, cy, r, fill):
         draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
 
 
-def synthetic_sample(seed, split, index, image_size=SYNTHETIC_IMAGE_SIZE, two_objects=None):
+def synthetic_sample(seed, split, index, image_size=SYNTHETIC_SHAPE["image_size"], two_objects=None):
     """Draw picture `index` of `split` ("train", "retrieval", "zeroshot"): (PIL image, 5 captions, label).
 
     Everything comes from (seed, split, index). label = the class of the (first) object in CLASSNAMES.
@@ -192,8 +200,6 @@ class Synthetic:
 # reading real data: a bad sample raises BadSample; it is then skipped, replaced and counted by kind
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-SIMPLE_TEMPLATES = ("itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
-                    "a {} in a video game.", "art of the {}.", "a photo of the small {}.")  # open_clip's short set
 
 
 class BadSample(Exception):
@@ -622,21 +628,21 @@ def build_train_data(source, *, tokenizer, image_size, context_length, batch_siz
 
 
 # -----------------------------------------------------------------------------
-# evaluation sets
+# labelled images and evaluation batches
 
 
-def image_folder(root, draft=None):
+def image_folder(root, draft=None, flag="--zeroshot-data"):
     """An ImageFolder (root/<class>/<image>) as Files with labels, and its class names. ImageNet's wnid
     folders (n01440764...) take torchvision's ImageNet category names, and must be all 1000."""
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"--zeroshot-data {root}: no such folder")
+        raise FileNotFoundError(f"{flag} {root}: no such folder")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
     if not classes:
-        raise ValueError(f"--zeroshot-data {root}: no class folders; lay it out as {root}/<class>/<image> "
+        raise ValueError(f"{flag} {root}: no class folders; lay it out as {root}/<class>/<image> "
                          f"(ImageNet val: run its valprep.sh)")
     if all(re.fullmatch(r"n\d{8}", c) for c in classes):
         if len(classes) != 1000:
-            raise ValueError(f"--zeroshot-data {root}: {len(classes)} ImageNet wnid folders, ImageNet has 1000 "
+            raise ValueError(f"{flag} {root}: {len(classes)} ImageNet wnid folders, ImageNet has 1000 "
                              f"(for a subset, rename the folders to class names)")
         names = list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])  # in sorted-wnid order
     else:
@@ -648,22 +654,8 @@ def image_folder(root, draft=None):
         images += found
         labels += [label] * len(found)
     if not images:
-        raise ValueError(f"--zeroshot-data {root}: no images ({', '.join(IMAGE_EXTS)}) in its class folders")
+        raise ValueError(f"{flag} {root}: no images ({', '.join(IMAGE_EXTS)}) in its class folders")
     return Files(images, labels=labels, draft=draft), names
-
-
-def load_templates(templates, default):
-    """Prompt templates: a list, a file with one per line, or None for the default; each holds "{}"."""
-    if isinstance(templates, str):
-        if not os.path.isfile(templates):
-            raise FileNotFoundError(f"--templates {templates}: no such file (one prompt with {{}} per line)")
-        with open(templates, encoding="utf-8") as f:
-            templates = [line.strip() for line in f if line.strip() and not line.startswith("#")]
-    templates = list(templates or default)
-    bad = [t for t in templates if "{}" not in t]
-    if bad or not templates:
-        raise ValueError(f"templates: {bad[0]!r} has no '{{}}' for the class name" if bad else "templates: none")
-    return templates
 
 
 class EvalItems(Dataset):
@@ -726,52 +718,6 @@ class EvalBatches:
             self.skipped.update(kinds)
             if len(images):
                 yield images, targets
-
-
-def build_eval_sets(source="synthetic", *, tokenizer, image_size, context_length, zeroshot_data=None,
-                    val_data=None, templates=None, data_root=None, csv_img_key="filepath", csv_caption_key="title",
-                    caption_sep=None, captions_per_image=1, batch_size=256, workers=0, seed=0):
-    """Evaluation sets, as a dict (an absent key means no such evaluation):
-
-    "zeroshot": dict(batches=iterable of (images [b,3,H,W], labels long [b]), classnames=[n names],
-                     templates=[t prompts with "{}"], tokens=long [n, t, C])  (the prompts, tokenized)
-    "retrieval": dict(batches=iterable of (images [b,3,H,W], tokens long [b, k, C]))  (k captions per
-                     image; caption j of image i matches image i only)
-
-    Synthetic source: both held out from training (other seeds of the generator), in memory (lists): 960
-    one-object pictures, 20 per class of the 48 colour-shape classes, prompts TEMPLATES; 500 pictures with
-    3 captions each (the paraphrases that describe the whole picture). zeroshot_data: an ImageFolder
-    (prompts SIMPLE_TEMPLATES, or `templates`: a list or a file); val_data: any caption source, with
-    k = captions_per_image. Real sets are EvalBatches, read from disk at each pass (iterate them once per
-    evaluation), with bad samples left out and counted in .skipped.
-    """
-    if isinstance(tokenizer, str):
-        tokenizer = get_tokenizer(tokenizer)
-    tf, sets = eval_transform(image_size), {}
-    if zeroshot_data or source == "synthetic":
-        folder, classnames = image_folder(zeroshot_data, image_size) if zeroshot_data else (None, CLASSNAMES)
-        templates = load_templates(templates, SIMPLE_TEMPLATES if zeroshot_data else TEMPLATES)
-        prompts = tokenizer([t.format(c) for c in classnames for t in templates], context_length)
-        if folder:
-            batches = EvalBatches(EvalItems(folder, tf), batch_size, workers)
-        else:
-            zs = [synthetic_sample(seed, "zeroshot", i, image_size) for i in range(960)]
-            images, labels = torch.stack([tf(im) for im, _, _ in zs]), torch.tensor([y for _, _, y in zs])
-            batches = list(zip(images.split(batch_size), labels.split(batch_size)))
-        sets["zeroshot"] = dict(batches=batches, classnames=list(classnames), templates=templates,
-                                tokens=prompts.view(len(classnames), len(templates), context_length))
-    if val_data and val_data != "synthetic":
-        src = open_source(val_data, image_size=image_size, data_root=data_root, csv_img_key=csv_img_key,
-                          csv_caption_key=csv_caption_key, caption_sep=caption_sep)
-        items = EvalItems(src, tf, tokenizer, context_length, captions_per_image)
-        sets["retrieval"] = dict(batches=EvalBatches(EvalShards(items) if isinstance(src, Shards) else items,
-                                                     batch_size, workers))
-    elif source == "synthetic" or val_data == "synthetic":
-        rt = [synthetic_sample(seed, "retrieval", i, image_size) for i in range(500)]
-        images = torch.stack([tf(im) for im, _, _ in rt])
-        tokens = torch.stack([tokenizer(caps[:3], context_length) for _, caps, _ in rt])  # (500, 3, C): full ones
-        sets["retrieval"] = dict(batches=list(zip(images.split(batch_size), tokens.split(batch_size))))
-    return sets
 
 
 # -----------------------------------------------------------------------------

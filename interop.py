@@ -37,12 +37,15 @@ import re
 import torch
 import torch.nn as nn
 
+import grow
+import runtime
 import vit
-from data import MEAN, STD
+from tokenizer import VOCAB_SIZES
+from vit import MEAN, STD
 
 WEIGHTS_FILE = "open_clip_pytorch_model.bin"  # first in open_clip's preferred order for .bin files
 CONFIG_FILE = "open_clip_config.json"
-TOKENIZER_BY_VOCAB = {49408: "clip-bpe", 259: "byte"}  # vocabulary sizes of tokenizer.py's tokenizers
+TOKENIZER_BY_VOCAB = {size: name for name, size in VOCAB_SIZES.items()}  # tokenizer.py's, by vocabulary size
 WRAPPER_PREFIX = re.compile(r"^(?:module\.|_orig_mod\.)+")  # DDP and torch.compile wrappers, nested either way
 
 
@@ -183,6 +186,38 @@ def load_model(path, device="cpu"):
     return model.to(device)
 
 
+def initialise(model, state_dict, cfg, method="lossless", seed=0, source="--init-from"):
+    """Start `model` from `state_dict` (a model of config `cfg`, e.g. from load_state_dict_any): loaded as it is
+    when both have the same towers, grown by grow.py's `method` when cfg's towers are smaller."""
+    for key in ("image_size", "patch_size", "context_length", "vocab_size", "embed_dim"):
+        if getattr(cfg, key) != getattr(model.cfg, key):
+            raise ValueError(f"{source}: its {key} is {getattr(cfg, key)}, the model's {getattr(model.cfg, key)}; "
+                             "give the model the checkpoint's data shape (--image-size, --patch-size, ...)")
+    towers = ("vision_width", "vision_layers", "text_width", "text_layers")
+    small, big = ([getattr(c, k) for k in towers] for c in (cfg, model.cfg))
+    if small == big:
+        model.load_state_dict(state_dict)
+    elif all(a <= b for a, b in zip(small, big)):
+        model.load_state_dict(grow.grow(state_dict, model.state_dict(), cfg, model.cfg, method=method, seed=seed))
+    else:
+        name, target = (size_of(c) or "unregistered size" for c in (cfg, model.cfg))
+        raise ValueError(f"{source}: its model ({name}) is larger than this one ({target}) in some dimension; load it "
+                         "into a model of its own size, or grow it into a larger one")
+
+
+TRAINING_KEYS = ("model", "config", "step", "optimizer", "settings", "rng")  # of train.py's checkpoint.pt
+
+
+def load_checkpoint(path):
+    """train.py's checkpoint.pt as the dict it saved, for resuming; anything else is a one-line ValueError."""
+    ckpt = _torch_load(path)
+    missing = [k for k in TRAINING_KEYS if k not in ckpt] if isinstance(ckpt, dict) else TRAINING_KEYS
+    if missing:
+        raise ValueError(f"{path}: not a training checkpoint of train.py (no {', '.join(missing[:3])}); to start "
+                         "from its weights, pass it as --init-from")
+    return ckpt
+
+
 # -----------------------------------------------------------------------------
 # export
 
@@ -203,17 +238,6 @@ def open_clip_config(cfg):
     return {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg, "clip_config": cfg.to_dict()}
 
 
-def _write_text(path, text):
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def _atomic_write(path, write):
-    tmp = path + ".tmp"  # not *.bin: open_clip's loader never picks a half-written file
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def export_open_clip(model, cfg, out_dir):
     """Write an open_clip local-dir for `model` (a vit.CLIP, possibly DDP- or compile-wrapped, or its state dict)
     into out_dir: open_clip_config.json and open_clip_pytorch_model.bin. Returns out_dir."""
@@ -221,7 +245,6 @@ def export_open_clip(model, cfg, out_dir):
     state = {k: v.detach().cpu() for k, v in strip_prefixes(state).items()}
     check_matches(state, cfg, f"export to {out_dir}")
     os.makedirs(out_dir, exist_ok=True)
-    _atomic_write(os.path.join(out_dir, WEIGHTS_FILE), lambda p: torch.save(state, p))
-    config_text = json.dumps(open_clip_config(cfg), indent=2)
-    _atomic_write(os.path.join(out_dir, CONFIG_FILE), lambda p: _write_text(p, config_text))
+    runtime.save_torch(state, os.path.join(out_dir, WEIGHTS_FILE))  # *.tmp first: open_clip never picks it up
+    runtime.save_json(open_clip_config(cfg), os.path.join(out_dir, CONFIG_FILE))
     return out_dir

@@ -169,6 +169,8 @@ def find_bpe():
 
 # -----------------------------------------------------------------------------
 
+VOCAB_SIZES = {"byte": ByteTokenizer.vocab_size, "clip-bpe": BPETokenizer.vocab_size}  # a model's vocabulary, by name
+
 
 def get_tokenizer(name, bpe_path=None):
     """The tokenizer called `name` ("byte" or "clip-bpe"); bpe_path locates bpe_simple_vocab_16e6.txt.gz,

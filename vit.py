@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 HEAD_DIM = 64  # fixed across the family: a wider model has more heads, not wider ones
+MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's input normalisation, per RGB channel
+STD = (0.26862954, 0.26130258, 0.27577711)
 
 # name -> tower shapes. The official family (open_clip's ViT-*-16, as configured in the CoM-PT code) and CPU-scale
 # members of the same design (head dim 64, MLP ratio 4, embed dim 512) for laptops, tests and the CPU experiments.

@@ -102,7 +102,7 @@ def chain_run(a, out):
 
 def bench(a, compile):
     """Training-step throughput (train.train_step on random data: no loading) of --bench-size at its batch."""
-    device = train.pick_device(a.device)
+    device = runtime.pick_device(a.device)
     cfg = vit.config(a.bench_size, image_size=a.bench_image_size, patch_size=16, context_length=77,
                      vocab_size=49408, tokenizer="clip-bpe")
     torch.manual_seed(0)
@@ -162,7 +162,7 @@ def main():
         "chain": lambda: chain_run(a, a.out),
         "bench": lambda: [bench(a, compile=False)] + ([] if toy else [bench(a, compile=True)]),
     }
-    summary = {"torch": torch.__version__, "cuda": torch.version.cuda, "git": train.git_hash(), "cpu_smoke": toy}
+    summary = {"torch": torch.__version__, "cuda": torch.version.cuda, "git": runtime.git_hash(), "cpu_smoke": toy}
     for name in a.only.split(","):
         if name not in checks:
             sys.exit(f"error: --only {name}: choose from {', '.join(SECTIONS)}")

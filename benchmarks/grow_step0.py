@@ -3,8 +3,8 @@ Growth at step 0: train a CPU-scale CLIP on the synthetic set, grow it to the ne
 and evaluate every grown model before it takes a single training step, next to its predecessor and to a fresh init.
 Lossless growth should reproduce the predecessor's numbers; the official operator (inherit) shows what it loses.
 
-The predecessor is trained with train.py's defaults for synthetic data (32 px, patch 4, 48 tokens, byte tokenizer)
-into OUT/SMALL; a finished run there is reused. Evaluation: train.evaluate on data.build_eval_sets("synthetic")
+The predecessor is trained with train.py's defaults at the synthetic set's data shape (data.default_shape) into
+OUT/SMALL; a finished run there is reused. Evaluation: evaluate.evaluate on evaluate.build_eval_sets("synthetic")
 (48-class zero-shot, 500-image retrieval with 5 captions each), plus the CLIP loss on the retrieval pairs
 (first caption of each image).
 
@@ -35,11 +35,10 @@ parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
 parser.add_argument("--out", default="runs/grow_step0", help="output folder: the predecessor's run, step0.json")
 args = parser.parse_args()
 
-tokenizer = data.get_tokenizer("byte")
-shape = dict(image_size=data.SYNTHETIC_IMAGE_SIZE, patch_size=4, context_length=data.SYNTHETIC_CONTEXT_LENGTH,
-             vocab_size=tokenizer.vocab_size, tokenizer=tokenizer.name)
-small_cfg, big_cfg = vit.config(args.small, **shape), vit.config(args.big, **shape)
-device = train.pick_device(args.device)
+shape = data.default_shape("synthetic")  # the synthetic set's image size, patch, context and tokenizer
+tokenizer = data.get_tokenizer(shape["tokenizer"])
+small_cfg, big_cfg = (vit.config(size, **shape, vocab_size=tokenizer.vocab_size) for size in (args.small, args.big))
+device = runtime.pick_device(args.device)
 
 torch.manual_seed(args.seed)
 small = vit.CLIP(small_cfg)
@@ -55,15 +54,15 @@ for method in ("inherit", "inherit_qkv", "lossless"):
     model.load_state_dict(grow.grow(small.state_dict(), fresh.state_dict(), small_cfg, big_cfg, method, args.seed))
     models[f"{args.big}, grown: {method}"] = model
 
-eval_sets = data.build_eval_sets("synthetic", tokenizer=tokenizer, image_size=small_cfg.image_size,
-                                 context_length=small_cfg.context_length)
+eval_sets = evaluate.build_eval_sets("synthetic", tokenizer=tokenizer, image_size=small_cfg.image_size,
+                                     context_length=small_cfg.context_length)
 results = {}
 for name, model in models.items():
     model.to(device).eval()
     with torch.no_grad():
         batches = eval_sets["retrieval"]["batches"]
         loss = sum(clip_loss(*model(x.to(device), t[:, 0].to(device))).item() * len(x) for x, t in batches)
-    results[name] = {"clip_loss": loss / sum(len(x) for x, _ in batches), **train.evaluate(model, eval_sets, device)}
+    results[name] = {"clip_loss": loss / sum(len(x) for x, _ in batches), **evaluate.evaluate(model, eval_sets, device)}
 
 columns = ["clip_loss", "zeroshot_top1", "zeroshot_top5", "i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5"]
 print(f"\nstep 0 after growth; predecessor trained {args.steps} steps x {args.batch_size} (seed {args.seed})\n")

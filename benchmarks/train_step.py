@@ -36,7 +36,7 @@ args = parser.parse_args()
 if args.threads > 0:
     torch.set_num_threads(args.threads)
 torch.manual_seed(0)
-device = train.pick_device(args.device)
+device = runtime.pick_device(args.device)
 
 cfg = vit.config(args.size, image_size=args.image_size, patch_size=args.patch_size,
                  context_length=args.context_length, vocab_size=args.vocab_size)

@@ -8,6 +8,7 @@ import torch
 
 import chain
 import data
+import evaluate
 import train
 import vit
 
@@ -21,7 +22,7 @@ CC3M = ["--data", "cc3m.csv", "--num-samples", "2905954", "--batch-size", "1024"
 @pytest.fixture
 def small_eval(monkeypatch):
     # the synthetic eval sets, built once and cut to 48 zero-shot pictures (one per class) and 48 retrieval ones
-    real, cache = data.build_eval_sets, {}
+    real, cache = evaluate.build_eval_sets, {}
 
     def first_batch(*args, **kwargs):
         key = repr((args, sorted(kwargs.items())))
@@ -30,7 +31,7 @@ def small_eval(monkeypatch):
             for s in cache[key].values():
                 s["batches"] = s["batches"][:1]
         return cache[key]
-    monkeypatch.setattr(data, "build_eval_sets", first_batch)
+    monkeypatch.setattr(evaluate, "build_eval_sets", first_batch)
 
 
 def error_of(argv, capsys):
@@ -94,18 +95,18 @@ def test_default_schedule_is_the_official_one(capsys):
     assert [s["samples"] for s in rep["stages"]] == [e * steps_per_epoch * 1024 for e in (128, 24, 16, 16)]
     args = chain.parse_args(["--sizes", "tiny,small,base,large", *CC3M])
     stages = chain.plan(args, train.Settings(data="cc3m.csv", num_samples=2905954, batch_size=1024))
-    assert [st["settings"].warmup for st in stages] == [8000, 1000, 1000, 1000]
-    assert [st["settings"].lr for st in stages] == [1e-3] * 4
+    assert [st.settings.warmup for st in stages] == [8000, 1000, 1000, 1000]
+    assert [st.settings.lr for st in stages] == [1e-3] * 4
     # the synthetic set: steps in the official proportions, warmups of at least 50 steps (at most half a stage)
     stages = chain.plan(chain.parse_args(["--sizes", SIZES]), train.Settings(num_samples=1000))
     first = chain.SYNTHETIC_FIRST_STEPS
     steps = [first, round(first * 24 / 128), round(first * 16 / 128)]
-    assert [st["settings"].steps for st in stages] == steps
-    assert [st["settings"].warmup for st in stages] == [min(s // 2, 50) for s in steps]
-    assert [st["settings"].lr for st in stages] == [1e-3] * 3
+    assert [st.settings.steps for st in stages] == steps
+    assert [st.settings.warmup for st in stages] == [min(s // 2, 50) for s in steps]
+    assert [st.settings.lr for st in stages] == [1e-3] * 3
     # one value stands for every stage
     stages = chain.plan(chain.parse_args(["--sizes", SIZES, "--steps", "7", "--lr", "3e-4"]), train.Settings())
-    assert [(st["settings"].steps, st["settings"].lr) for st in stages] == [(7, 3e-4)] * 3
+    assert [(st.settings.steps, st.settings.lr) for st in stages] == [(7, 3e-4)] * 3
 
 
 # -----------------------------------------------------------------------------
@@ -147,5 +148,28 @@ def test_chain_trains_resumes_and_refuses_another_command(tmp_path, monkeypatch,
     assert "sizes" in err and "--out" in err
     err = error_of([*argv, "--num-samples", "40"], capsys)
     assert "num_samples" in err
-    err = error_of(["--sizes", SIZES, "--steps", "2,1,1", "--grow", "inherit", "--out", out, *FAST], capsys)
+    err = error_of(["--sizes", SIZES, "--steps", "2,1,1", "--grow-method", "inherit", "--out", out, *FAST], capsys)
     assert "grow" in err
+
+
+# -----------------------------------------------------------------------------
+# one rule for the model's data shape and tokenizer, in train.py and chain.py alike
+
+
+@pytest.mark.parametrize("source", ["synthetic", "cc3m.csv"])
+def test_train_and_chain_build_the_same_model_for_a_source(source):
+    settings = train.Settings(data=source, num_samples=1000)
+    stages = chain.plan(chain.parse_args(["--sizes", "cpu-tiny,cpu-small", "--data", source]), settings)
+    for stage in stages:
+        assert stage.cfg == train.model_config(stage.size, train.parse_args(["--size", stage.size, "--data", source]))
+    # real data trains with the CLIP BPE (49,408 ids) whether or not --bpe is given, never silently on bytes
+    expected = ("byte", 259) if source == "synthetic" else ("clip-bpe", 49408)
+    assert all((st.cfg.tokenizer, st.cfg.vocab_size) == expected for st in stages)
+
+
+def test_every_synthetic_caption_fits_the_chains_context():
+    cfg = chain.plan(chain.parse_args(["--sizes", "tiny,small"]), train.Settings())[0].cfg
+    tok = data.get_tokenizer(cfg.tokenizer)
+    for i in range(500):
+        for caption in data.synthetic_sample(0, "train", i)[1]:
+            assert len(tok.encode(caption)) + 2 <= cfg.context_length, caption  # + SOT and EOT: never cut

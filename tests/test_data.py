@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import data
+import evaluate
 
 COLOUR_RGB = np.array(list(data.COLOURS.values()), dtype=np.float32)
 
@@ -35,7 +36,7 @@ def test_captions_are_short_and_name_the_label():
         _, captions, label = data.synthetic_sample(0, "train", i)
         colour, shape = data.CLASSNAMES[label].split()
         for c in captions:
-            assert len(c.encode()) <= data.SYNTHETIC_CONTEXT_LENGTH - 2  # never truncated
+            assert len(c.encode()) <= data.SYNTHETIC_SHAPE["context_length"] - 2  # never truncated
             assert colour in c.split() and shape in c.replace(",", "").split()
 
 
@@ -171,7 +172,7 @@ def test_bad_samples_are_replaced_and_counted():
 
 
 def test_eval_sets():
-    ev = data.build_eval_sets("synthetic", tokenizer="byte", image_size=32, context_length=48)
+    ev = evaluate.build_eval_sets("synthetic", tokenizer="byte", image_size=32, context_length=48)
     zs, rt = ev["zeroshot"], ev["retrieval"]
     labels = torch.cat([y for _, y in zs["batches"]])
     assert torch.equal(torch.bincount(labels), torch.full((48,), 20))
@@ -438,7 +439,7 @@ def test_zeroshot_image_folder_and_templates(tmp_path):
             solid(4 * c + i).save(tmp_path / "zs" / name / f"{i}.png")
     (tmp_path / "zs" / "dog" / "broken.jpg").write_bytes(b"")
     (tmp_path / "t.txt").write_text("a photo of a {}.\n\n# comment\nart of the {}.\n")
-    ev = data.build_eval_sets("x.csv", tokenizer="byte", image_size=32, context_length=32, batch_size=4,
+    ev = evaluate.build_eval_sets("x.csv", tokenizer="byte", image_size=32, context_length=32, batch_size=4,
                               zeroshot_data=str(tmp_path / "zs"), templates=str(tmp_path / "t.txt"))
     zs = ev["zeroshot"]
     assert "retrieval" not in ev and zs["classnames"] == ["dog", "red car"]  # sorted folders
@@ -448,11 +449,11 @@ def test_zeroshot_image_folder_and_templates(tmp_path):
     pairs = [(i, y) for images, labels in zs["batches"] for i, y in zip(ids_of(images), labels.tolist())]
     assert sorted(pairs) == [(0, 1), (1, 1), (2, 1), (4, 0), (5, 0), (6, 0)]
     assert zs["batches"].skipped == {"empty_file": 1}
-    default = data.build_eval_sets("x.csv", tokenizer="byte", image_size=32, context_length=32,
+    default = evaluate.build_eval_sets("x.csv", tokenizer="byte", image_size=32, context_length=32,
                                    zeroshot_data=str(tmp_path / "zs"))
-    assert default["zeroshot"]["templates"] == list(data.SIMPLE_TEMPLATES)
+    assert default["zeroshot"]["templates"] == list(evaluate.SIMPLE_TEMPLATES)
     with pytest.raises(ValueError, match="no '{}'"):
-        data.load_templates(["a photo"], data.TEMPLATES)
+        evaluate.load_templates(["a photo"], data.TEMPLATES)
     with pytest.raises(ValueError, match="no class folders"):
         data.image_folder(str(tmp_path / "zs" / "dog"))
 
@@ -474,7 +475,7 @@ def test_retrieval_on_caption_sources(tmp_path):
         solid(i).save(tmp_path / f"{i}.jpg")
     write_csv(tmp_path / "val.csv", [("filepath", "title")] + [(f"{i}.jpg", f"sample {i}") for i in range(4)], ",")
     for val, n, workers in ((str(root), 10, 2), (str(tmp_path / "val.csv"), 4, 0)):
-        ev = data.build_eval_sets("x", tokenizer="byte", image_size=32, context_length=24, val_data=val,
+        ev = evaluate.build_eval_sets("x", tokenizer="byte", image_size=32, context_length=24, val_data=val,
                                   captions_per_image=2, batch_size=3, workers=workers)
         rt = ev["retrieval"]["batches"]
         seen = []

@@ -1,4 +1,4 @@
-"""DDP on the CPU (gloo), as torchrun runs it: 2 processes joined through train.init_distributed from torchrun's
+"""DDP on the CPU (gloo), as torchrun runs it: 2 processes joined through runtime.init_distributed from torchrun's
 environment variables. Pinned: 2 ranks at batch b give the loss and the gradients of 1 process at batch 2b on the
 same samples (CLIP loss over the global batch, FD per sample); a 2-rank train() trains like 1 process at twice the
 batch, writes one checkpoint without wrapper prefixes and one set of records, keeps the ranks identical, returns
@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import chain
 import data
 import interop
+import runtime
 import train
 import vit
 from distill import FeatureDistill
@@ -86,7 +87,7 @@ def worker(rank, port, tmp):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    train.init_distributed(torch.device("cpu"))
+    runtime.init_distributed(torch.device("cpu"))
     try:
         saw = {"step": one_step(rank, WORLD)}
         model = tiny_model(0)
@@ -104,7 +105,7 @@ def worker(rank, port, tmp):
                                    "--out", os.path.join(tmp, "chain")])
         torch.save(saw, os.path.join(tmp, f"rank{rank}.pt"))
     finally:
-        train.destroy_distributed()
+        runtime.destroy_distributed()
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,10 @@ import torch
 import torch.nn as nn
 
 import data
+import evaluate
 import grow
 import interop
+import runtime
 import train
 import vit
 from distill import FeatureDistill
@@ -132,8 +134,8 @@ def step_losses_and_grads(precision, scaler=train.NO_SCALER, grad_clip=0.0):
 def test_reduced_precision_steps_run_on_the_cpu_with_fp32_losses(precision):
     model = tiny_model()
     images, tokens = batch(model.cfg)
-    with train.autocast(torch.device("cpu"), precision):
-        assert model.encode_image(images).dtype == train.DTYPES[precision]  # autocast is on
+    with runtime.autocast(torch.device("cpu"), precision):
+        assert model.encode_image(images).dtype == runtime.DTYPES[precision]  # autocast is on
         losses = train.Objective(model)(images, tokens)
     assert losses["clip_loss"].dtype == torch.float32  # logits and losses in fp32
     ref_losses, ref_grads = step_losses_and_grads("fp32")
@@ -167,8 +169,8 @@ def test_compile_keeps_plain_state_dict_keys_and_the_same_training(tmp_path, mon
 def test_metrics_on_perfect_features_are_one():
     feats = torch.eye(12)
     labels = torch.arange(12)
-    assert train.zeroshot_accuracy(feats, labels, feats) == {1: 1.0, 5: 1.0}
-    recall = train.retrieval_recall(feats, feats, torch.arange(12))
+    assert evaluate.zeroshot_accuracy(feats, labels, feats) == {1: 1.0, 5: 1.0}
+    recall = evaluate.retrieval_recall(feats, feats, torch.arange(12))
     assert all(v == 1.0 for v in recall.values()) and len(recall) == 6
 
 
@@ -176,9 +178,9 @@ def test_metrics_on_a_permutation():
     # image i is most similar to caption perm[i]; only the fixed points of perm are right at rank 1
     perm = torch.tensor([0, 2, 1, 3, 5, 4])
     images, texts = torch.eye(6), torch.eye(6)[perm.argsort()]  # texts[perm[i]] = e_i
-    r = train.retrieval_recall(images, texts, torch.arange(6))
+    r = evaluate.retrieval_recall(images, texts, torch.arange(6))
     assert r["i2t_R@1"] == r["t2i_R@1"] == pytest.approx(2 / 6)
-    acc = train.zeroshot_accuracy(images, perm, torch.eye(6))
+    acc = evaluate.zeroshot_accuracy(images, perm, torch.eye(6))
     assert acc[1] == pytest.approx(2 / 6)
 
 
@@ -187,14 +189,14 @@ def test_metrics_match_a_brute_force_reference():
     norm = lambda x: x / x.norm(dim=-1, keepdim=True)
     images, texts = norm(torch.randn(20, 8, generator=g)), norm(torch.randn(50, 8, generator=g))
     text_image = torch.randint(20, (50,), generator=g)
-    r = train.retrieval_recall(images, texts, text_image)
+    r = evaluate.retrieval_recall(images, texts, text_image)
     sim = images @ texts.T
     for k in (1, 5, 10):
         i2t = [any(text_image[j] == i for j in sim[i].argsort(descending=True)[:k]) for i in range(20)]
         t2i = [text_image[j] in sim[:, j].argsort(descending=True)[:k] for j in range(50)]
         assert r[f"i2t_R@{k}"] == pytest.approx(sum(i2t) / 20) and r[f"t2i_R@{k}"] == pytest.approx(sum(t2i) / 50)
     classes, labels = texts[:7], text_image % 7
-    acc = train.zeroshot_accuracy(images[text_image], labels, classes)
+    acc = evaluate.zeroshot_accuracy(images[text_image], labels, classes)
     logits = images[text_image] @ classes.T
     for k in (1, 5):
         assert acc[k] == pytest.approx(sum(labels[i] in logits[i].argsort(descending=True)[:k]
@@ -221,13 +223,13 @@ def test_evaluate_averages_normalised_templates_and_keeps_caption_order():
     # raw mean (0.5, 5) points almost along y and loses to class 0's (1, 0).
     table = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 10.0], [1.0, 0.0]])
     zeroshot = dict(tokens=torch.arange(4).view(2, 2, 1), batches=iter([(torch.tensor([[0.8, 0.6]]), torch.tensor([1]))]))
-    assert train.evaluate(Lookup(table), {"zeroshot": zeroshot}, torch.device("cpu")) == \
+    assert evaluate.evaluate(Lookup(table), {"zeroshot": zeroshot}, torch.device("cpu")) == \
         {"zeroshot_top1": 1.0, "zeroshot_top5": 1.0}
     # retrieval: 3 images in 2 batches, 2 captions each (rows i and 3 + i both point at image i)
     table = torch.cat([torch.eye(3), 0.9 * torch.eye(3) + 0.1])
     tokens = torch.stack([torch.arange(3), torch.arange(3, 6)], dim=1)[..., None]  # (3, 2, 1)
     retrieval = dict(batches=iter([(torch.eye(3)[:2], tokens[:2]), (torch.eye(3)[2:], tokens[2:])]))
-    r = train.evaluate(Lookup(table), {"retrieval": retrieval}, torch.device("cpu"))
+    r = evaluate.evaluate(Lookup(table), {"retrieval": retrieval}, torch.device("cpu"))
     assert r == {f"{d}_R@{k}": 1.0 for d in ("i2t", "t2i") for k in (1, 5, 10)}
 
 
@@ -353,18 +355,18 @@ def test_teacher_must_see_the_same_batches(tmp_path):
 def test_initialise_loads_the_same_size_and_grows_a_smaller_one():
     small = tiny_model(3)
     same = tiny_model(4)
-    train.initialise(same, small.state_dict(), small.cfg)
+    interop.initialise(same, small.state_dict(), small.cfg)
     assert all(torch.equal(same.state_dict()[k], v) for k, v in small.state_dict().items())
     torch.manual_seed(5)
     big = vit.CLIP(vit.config("cpu-small", **TINY))
     fresh = big.state_dict()
-    train.initialise(big, small.state_dict(), small.cfg, method="inherit", seed=0)
+    interop.initialise(big, small.state_dict(), small.cfg, method="inherit", seed=0)
     expected = grow.grow(small.state_dict(), fresh, small.cfg, big.cfg, method="inherit", seed=0)
     assert all(torch.equal(big.state_dict()[k], v) for k, v in expected.items())
     with pytest.raises(ValueError, match=r"\(cpu-small\) is larger than this one \(cpu-tiny\)"):
-        train.initialise(tiny_model(), big.state_dict(), big.cfg)
+        interop.initialise(tiny_model(), big.state_dict(), big.cfg)
     with pytest.raises(ValueError, match="patch_size is 8, the model's 16"):
-        train.initialise(tiny_model(), tiny_model(patch_size=8).state_dict(), tiny_model(patch_size=8).cfg)
+        interop.initialise(tiny_model(), tiny_model(patch_size=8).state_dict(), tiny_model(patch_size=8).cfg)
 
 
 def test_cli_grows_from_an_open_clip_style_checkpoint_and_distils_towards_it(tmp_path):

@@ -1,0 +1,151 @@
+"""
+The runtime under training: device choice, the precision policy, the torchrun process group, atomic file writes and
+the code version. Nothing here is about CLIP or the chain; train.py and chain.py share it.
+"""
+
+import contextlib
+import datetime
+import errno
+import json
+import os
+import subprocess
+
+import torch
+import torch.distributed as dist
+
+# -----------------------------------------------------------------------------
+# device and precision
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def pick_device(name="auto"):
+    """The torch.device for --device; a bare "cuda" is this process's GPU (cuda:LOCAL_RANK under torchrun)."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    name = next(d for d in available if available[d]) if name == "auto" else name  # cuda, else mps, else cpu
+    if not available.get(name.split(":")[0]):
+        raise ValueError(f"--device {name} is not available here; use one of: auto, "
+                         + ", ".join(d for d in available if available[d]))
+    return torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if name == "cuda" else name)
+
+
+def default_precision(device):
+    """bf16 autocast on CUDA, fp32 elsewhere."""
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def autocast(device, precision=""):
+    """The precision policy in one place: autocast to bf16 or fp16, or none for fp32 ("": the device's default).
+    Norms, logits and losses are computed in fp32 by the code that calls this (train.Objective)."""
+    precision = precision or default_precision(device)
+    return torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32")
+
+
+# -----------------------------------------------------------------------------
+# many processes: torchrun's environment -> one process group, one GPU (or CPU) per process
+
+
+def init_distributed(device):
+    """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+    MASTER_PORT; one machine or several): nccl on CUDA, gloo on the CPU. Does nothing outside torchrun."""
+    if "RANK" not in os.environ or dist.is_initialized():
+        return
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"--device {device}: several processes need cuda (nccl) or cpu (gloo)")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # nccl's collectives run on the current device
+    # the others wait for rank 0's evaluation (ImageNet zero-shot: minutes) at a collective: allow it an hour
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=1))
+
+
+def rank_and_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def is_rank0():
+    """Whether this process writes files and prints: rank 0 under torchrun, or the only process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def destroy_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def from_rank0(obj):
+    """Rank 0's `obj` on every rank (the others wait for it: a barrier); `obj` itself in a single process."""
+    if dist.is_initialized():
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        obj = box[0]
+    return obj
+
+
+def all_ranks(obj):
+    """Every rank's `obj`, in rank order; [obj] in a single process."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# files: written whole or not at all, read back with one clear line when they are not readable
+
+
+class DiskFull(OSError):
+    """Raised when a write meets a full disk; its message names the file and the fix."""
+
+
+def atomic_write(path, write):
+    """Write `path` through `write(tmp_path)` and rename it into place: a crash or a full disk leaves the previous
+    file intact, and no temporary file behind."""
+    path = os.fspath(path)
+    tmp = path + ".tmp"  # not *.bin or *.pt: no loader ever picks up a half-written file
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left on device" in str(e):
+            raise DiskFull(errno.ENOSPC, f"no space left on device writing {path}: free some space and rerun the "
+                           "same command (it resumes from the last checkpoint)") from None
+        raise
+
+
+def save_torch(obj, path):
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def save_text(text, path):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+def save_json(obj, path):
+    save_text(json.dumps(obj, indent=2) + "\n", path)
+
+
+def load_json(path, what="run file"):
+    """A JSON file this code wrote; an empty, cut or garbled one is a ValueError that names it and the fix."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: this {what} is not readable JSON ({e.__class__.__name__}: {e}); delete it and "
+                         "rerun the same command") from None
+
+
+def git_hash():
+    """The commit of this code, with "-dirty" when the work tree has changes; "unknown" outside git."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=here).returncode != 0
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
