@@ -410,7 +410,7 @@ class Shards:
 
 def open_source(source, *, image_size=None, data_root=None, csv_img_key="filepath", csv_caption_key="title",
                 caption_sep=None):
-    """The reader of a real data source string (see DESIGN.md): Files or Shards."""
+    """The reader of a real data source string (a .csv/.tsv, .tar shards, or a folder): Files or Shards."""
     if source.lower().endswith((".csv", ".tsv")):
         if not os.path.isfile(source):
             raise FileNotFoundError(f"data {source}: no such file")
@@ -611,7 +611,7 @@ class TrainData:
 def build_train_data(source, *, tokenizer, image_size, context_length, batch_size, workers, seed, rank=0,
                      world_size=1, num_samples=None, data_root=None, csv_img_key="filepath",
                      csv_caption_key="title", caption_sep=None, captions_per_image=1):
-    """TrainData for a source string: "synthetic", a .csv/.tsv, .tar shard(s) or a folder (DESIGN.md).
+    """TrainData for a source string: "synthetic", a .csv/.tsv, .tar shard(s) or a folder.
     tokenizer: a name or a tokenizer object. caption_sep splits a caption field into several captions."""
     if isinstance(tokenizer, str):
         tokenizer = get_tokenizer(tokenizer)

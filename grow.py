@@ -4,7 +4,7 @@ Weight growth for Chain-of-Models Pre-Training: a trained CLIP's weights -> the 
 CoM-PT (Fan et al., "Chain-of-Models Pre-Training", CVPR 2026, arXiv 2604.12391) trains a model family in
 ascending size and starts every larger model from its trained predecessor: inverse knowledge transfer in the
 parameter space (the paper's weight initialisation, Sec. 3; the feature-space half is distill.py). Two operators on
-open_clip state dicts (no "module." prefix). Derivations and measurements: notes/growth.md §1 (official) and §3.
+open_clip state dicts (no "module." prefix); README, "Growth", has their step-0 measurements.
 
 method="inherit" is the official code (deep-optimization/CoM-PT, main_kd.py `weight_initialization`), as it
 behaves. Each small tensor is copied into the leading slice of the big model's fresh tensor (scalar: copied;
@@ -19,7 +19,7 @@ So the grown model is not its predecessor's function. method="inherit_qkv" (an a
 q, k and v each in its own block.
 
 method="lossless" is function-preserving. It is LEMON's expansion (Wang et al., ICLR 2024) with a residual scale
-instead of its LayerNorm eps edit (notes §3.3). For a width d -> D, k = D // d, r = D - k d, a = sqrt(D / (k d)),
+instead of its LayerNorm eps edit (so every LayerNorm keeps its eps). For a width d -> D, k = D // d, r = D - k d, a = sqrt(D / (k d)),
 the residual stream x becomes x' = M x = a [x; ...; x (k copies); mean(x) (r times)]. Its mean-removed variance
 is that of x, so every eps stays, and LN'(x') is the small LN(x) on each copy and exactly 0 on the residue.
   writers (conv1, class/positional/token embeddings, rows of out_proj and c_proj): W -> M W
@@ -38,7 +38,7 @@ float64. big_state only supplies keys, shapes, dtypes and the device here.
 
 The one inexact piece is the image tower's ln_pre. Its output is the stream itself, whose residue coordinates
 should be a mean(gamma n + beta), and a LayerNorm can only put a constant there. So it is exact iff D % d == 0 or
-the ln_pre gain is constant (notes §3.4), which excludes base -> large (768 -> 1024) in general. Measured there at
+the ln_pre gain is constant, which excludes base -> large (768 -> 1024) in general. Measured there at
 full size in float64, with every LayerNorm gain 1 + 0.3 N(0, 1) (benchmarks/grow_bench.py): max |error| 6.1e-4 on
 the normalised image embeddings and 8.2e-3 on the logits at scale 50; with a constant ln_pre gain, 4e-16. The
 text tower is exact at every width.
@@ -55,7 +55,7 @@ wte -> token_embedding.weight, wpe -> positional_embedding, h.{i}.{ln_1, attn.c_
 mlp.c_proj} -> transformer.resblocks.{i}.{ln_1, attn.in_proj_*, attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj},
 ln_f -> ln_final, lm_head.weight.T -> text_projection (LayerNorms and linears with biases). A tied head
 (lm_head is wte) breaks the rule for text_projection: tie the head to the grown token_embedding, whose logits are
-k a times too large, and divide ln_final's weight and bias on the copies by k a to compensate (notes §3.7).
+k a times too large, and divide ln_final's weight and bias on the copies by k a to compensate.
 """
 
 import math

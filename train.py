@@ -256,6 +256,12 @@ class Log:
             if always or not self.tty:
                 tqdm.write(line)
 
+    def step(self, step, total_steps, epoch, losses, lr, logit_scale, speed):
+        record = {"step": step, "epoch": epoch, **losses, "lr": lr, "logit_scale": logit_scale, "samples_per_s": speed}
+        self.bar.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{lr:.2e}", samples_s=f"{speed:.0f}")
+        self(record, f"step {step}/{total_steps} " + " ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step"),
+             always=False)
+
 
 def evaluate_and_log(model, eval_sets, device, precision, log, step, epoch):
     """Rank 0 evaluates; the others wait for its metrics, which every rank returns."""
@@ -285,28 +291,22 @@ def source_args(settings):
                 captions_per_image=settings.captions_per_image, workers=settings.workers)
 
 
-def train(model, settings, out_dir, *, teacher=None, distill=None):
-    """Train `model` (a vit.CLIP) with `settings`, writing into `out_dir`; returns the final metrics. With a teacher
-    (a vit.CLIP) and `distill` (a module (s_img, s_txt, t_img, t_txt) -> loss), the loss is clip_loss + fd_loss.
-    Under torchrun every process calls it; all return rank 0's metrics."""
-    cfg = model.cfg
-    check_settings(settings)
-    check_teacher(model, teacher, distill)
-    device = runtime.pick_device(settings.device)
-    runtime.init_distributed(device)  # under torchrun: join its process group (once), else nothing
-    rank, world_size = runtime.rank_and_world()
-    precision = settings.precision or runtime.default_precision(device)
+def build_data(settings, cfg, rank, world_size):
+    """This rank's training batches, and the evaluation sets (rank 0's; the others get none)."""
     shape = dict(tokenizer=data.get_tokenizer(cfg.tokenizer, settings.bpe or None), image_size=cfg.image_size,
                  context_length=cfg.context_length)
     train_data = data.build_train_data(settings.data, **shape, **source_args(settings), batch_size=settings.batch_size,
                                        seed=settings.seed, rank=rank, world_size=world_size,
                                        num_samples=settings.num_samples or None)
-    steps_per_epoch = train_data.steps_per_epoch
-    total_steps = settings.steps or settings.epochs * steps_per_epoch
-    if rank == 0:
-        print(f"data: {settings.data}: {train_data.num_samples} samples, {steps_per_epoch} steps of "
-              f"{settings.batch_size * world_size} per epoch; training {total_steps} steps", flush=True)
+    eval_sets = evaluate.build_eval_sets(settings.data, **shape, **source_args(settings),
+                                         zeroshot_data=settings.zeroshot_data or None,
+                                         val_data=settings.val_data or None,
+                                         templates=settings.templates or None) if rank == 0 else {}
+    return train_data, eval_sets
 
+
+def prepare(model, teacher, distill, settings, device, precision):
+    """Models on the device in their modes; the loss module, AdamW and the fp16 grad scaler."""
     model.to(device).train()
     model.set_grad_checkpointing(settings.grad_checkpointing)
     if settings.compile:  # in place: the state dict keeps its keys (no _orig_mod.)
@@ -315,10 +315,24 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
     if teacher is not None:
         teacher.to(device).eval()
         distill.to(device).train()
-    objective = Objective(model, distill)
     optimizer = make_optimizer(model, settings, device, distill)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    return Objective(model, distill), optimizer, torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
+
+def train(model, settings, out_dir, *, teacher=None, distill=None):
+    """Train `model` (a vit.CLIP) with `settings`, writing into `out_dir`; returns the final metrics. With a teacher
+    (a vit.CLIP) and `distill` (a module (s_img, s_txt, t_img, t_txt) -> loss), the loss is clip_loss + fd_loss.
+    Under torchrun every process calls it; all return rank 0's metrics."""
+    check_settings(settings)
+    check_teacher(model, teacher, distill)
+    device = runtime.pick_device(settings.device)
+    runtime.init_distributed(device)  # under torchrun: join its process group (once), else nothing
+    rank, world_size = runtime.rank_and_world()
+    precision = settings.precision or runtime.default_precision(device)
+    train_data, eval_sets = build_data(settings, model.cfg, rank, world_size)
+    steps_per_epoch = train_data.steps_per_epoch
+    total_steps = settings.steps or settings.epochs * steps_per_epoch
+    objective, optimizer, scaler = prepare(model, teacher, distill, settings, device, precision)
     # resume from out/checkpoint.pt when present ("auto"), from a given file, or not at all ("none")
     ckpt_path = os.path.join(out_dir, "checkpoint.pt")
     resume = {"auto": ckpt_path if os.path.exists(ckpt_path) else None, "none": None}.get(settings.resume,
@@ -328,13 +342,11 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
         if resume else (0, 0.0, {})
     if world_size > 1:  # one wrapper for the student and its projector: their gradients are averaged over the ranks
         objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
-    eval_sets = evaluate.build_eval_sets(settings.data, **shape, **source_args(settings),
-                                         zeroshot_data=settings.zeroshot_data or None,
-                                         val_data=settings.val_data or None,
-                                         templates=settings.templates or None) if rank == 0 else {}
     if rank == 0:
+        print(f"data: {settings.data}: {train_data.num_samples} samples, {steps_per_epoch} steps of "
+              f"{settings.batch_size * world_size} per epoch; training {total_steps} steps", flush=True)
         os.makedirs(out_dir, exist_ok=True)
-        runtime.save_json({"settings": asdict(settings), "model": cfg.to_dict(), "git": runtime.git_hash(),
+        runtime.save_json({"settings": asdict(settings), "model": model.cfg.to_dict(), "git": runtime.git_hash(),
                            "torch": torch.__version__, "device": str(device), "precision": precision,
                            "world_size": world_size, "teacher": teacher.cfg.to_dict() if teacher is not None else None},
                           os.path.join(out_dir, "config.json"))
@@ -344,7 +356,7 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
     while step < total_steps:
         epoch, first = divmod(step, steps_per_epoch)
         for images, tokens in train_data.batches(epoch, first):
-            # forward, backward, update: CLIP loss (+ FD towards the teacher)
+            # forward, backward, update: the CLIP loss, plus FD towards the teacher
             images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
             lr = lr_at(step, total_steps, settings.warmup, settings.lr)
             losses = train_step(objective, optimizer, images, tokens, lr, settings.grad_clip, teacher,
@@ -358,11 +370,7 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
             if step % settings.log_every == 0 or step == total_steps:
                 speed = (step - step_log) * settings.batch_size * world_size / (time.time() - t_log)
                 t_log, step_log = time.time(), step
-                record = {"step": step, "epoch": step / steps_per_epoch, **losses, "lr": lr,
-                          "logit_scale": model.logit_scale.exp().item(), "samples_per_s": speed}
-                log.bar.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{lr:.2e}", samples_s=f"{speed:.0f}")
-                log(record, f"step {step}/{total_steps} " + " ".join(
-                    f"{k} {v:.4g}" for k, v in record.items() if k != "step"), always=False)
+                log.step(step, total_steps, step / steps_per_epoch, losses, lr, model.logit_scale.exp().item(), speed)
             if rank == 0 and ((settings.save_every and step % settings.save_every == 0) or step == total_steps):
                 save_checkpoint(ckpt_path, step, model, optimizer, distill, scaler, settings, world_size,
                                 wall_time + time.time() - t_start, losses)
@@ -374,13 +382,12 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
             t_log += time.time() - t_eval  # samples/s counts training only
     log.bar.close()
     if rank == 0:  # the model as an open_clip local-dir, beside the checkpoint
-        interop.export_open_clip(model, cfg, os.path.join(out_dir, "open_clip"))
+        interop.export_open_clip(model, model.cfg, os.path.join(out_dir, "open_clip"))
     # after the writes: once train() returns, every rank can read them
     metrics = evaluate_and_log(model, eval_sets, device, precision, log, step, step / steps_per_epoch)
-    skipped = sum(runtime.all_ranks(train_data.skipped), Counter())
+    skipped = sum(runtime.all_ranks(train_data.skipped), Counter())  # bad samples met, by kind, on all ranks
     return {"step": step, "num_samples": train_data.num_samples, "samples_seen": step * settings.batch_size * world_size,
-            "wall_time_s": wall_time + time.time() - t_start, **losses, **metrics,
-            "skipped": dict(skipped)}  # bad samples of this run, by kind, on all ranks
+            "wall_time_s": wall_time + time.time() - t_start, **losses, **metrics, "skipped": dict(skipped)}
 
 
 # -----------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """
 grow.py at full size: the wall time of one growth step (both methods) and, for lossless growth, how far the grown
 model is from its predecessor on the same inputs in float64: exact to rounding except for the image tower's ln_pre
-at a non-integer width ratio (base -> large, 768 -> 1024; notes/growth.md §3.4).
+at a non-integer width ratio (base -> large, 768 -> 1024: the one inexact piece, grow.py's docstring).
 
 The predecessor is "trained-like" (random, but no LayerNorm at gain 1 and no zero bias, which would hide the
 ln_pre error): LN gains 1 + std N(0, 1), biases 0.1 N(0, 1), logit scale ln 50. Timed on fp32 state dicts, as a

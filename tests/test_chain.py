@@ -74,7 +74,7 @@ def test_ledger_matches_a_hand_computation():
 
 
 def test_dry_run_reproduces_the_papers_figures(capsys):
-    # the official CC3M chain T -> S -> B -> L at 224 px, 7 captions per image (notes/clip_ecosystem.md §4.6)
+    # the official CC3M chain T -> S -> B -> L at 224 px, 7 captions per image (the paper's long-caption mode)
     rep = chain.main(["--sizes", "tiny,small,base,large", "--epochs", "128,24,16,16", "--captions-per-image", "7",
                       "--dry-run", *CC3M])
     assert "5.52x" in capsys.readouterr().out

@@ -43,7 +43,7 @@ def test_config_errors():
 
 
 def test_param_count_matches_official_family():
-    # parameter counts of the official CoM-PT configs (notes/growth.md 1.1, measured with the fork's create_model)
+    # parameter counts of the official CoM-PT configs (measured with the official fork's create_model)
     for size, millions in [("tiny", 27.9), ("small", 62.4), ("base", 149.6), ("large", 427.3)]:
         assert abs(vit.count_params(vit.config(size)) / 1e6 - millions) < 0.05
 
