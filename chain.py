@@ -289,7 +289,8 @@ def main(argv=None):
             summary, md = report(stages, rows, totals)
             print(md)
             return summary
-        data.get_tokenizer(stages[0].cfg.tokenizer, settings.bpe or None)  # the CLIP BPE needs its vocabulary file
+        runtime.check_out_dir(args.out)
+        train.build_data(stages[0].settings, stages[0].cfg, *runtime.rank_and_world())  # data, eval sets, tokenizer
         model = train.first_model(stages[0].cfg, settings.seed, init, args.grow_method, args.init_from)
         check_manifest(args.out, dict(
             sizes=[st.size for st in stages], grow_method=args.grow_method, alpha=args.alpha,
@@ -300,9 +301,8 @@ def main(argv=None):
         t0 = time.time()
         results = run_chain(stages, model, teacher, args.grow_method, args.alpha)
         twins = run_baselines(stages, args.out, results[0]) if args.baseline else None
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except runtime.USER_ERRORS as e:  # one line, no traceback: 2 for bad input, 1 for a run that stopped (NaN, disk)
+        runtime.exit_with(e)
     finally:
         runtime.destroy_distributed()
     if not runtime.is_rank0():
@@ -310,8 +310,11 @@ def main(argv=None):
     out, md = report(stages, rows, totals, results, twins)
     out.update(command=sys.argv if argv is None else ["chain.py", *argv], git=runtime.git_hash(),
                session_wall_time_s=time.time() - t0)
-    runtime.save_json(out, os.path.join(args.out, "report.json"))
-    runtime.save_text(md, os.path.join(args.out, "report.md"))
+    try:
+        runtime.save_json(out, os.path.join(args.out, "report.json"))
+        runtime.save_text(md, os.path.join(args.out, "report.md"))
+    except OSError as e:
+        runtime.exit_with(e)
     print(md)
     return out
 

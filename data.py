@@ -49,6 +49,7 @@ from torchvision import transforms as T
 from torchvision.models import ResNet50_Weights
 from tqdm import tqdm
 
+import runtime
 from tokenizer import get_tokenizer, tokenize  # noqa: F401  (re-exported)
 from vit import MEAN, STD  # CLIP's input normalisation
 
@@ -235,10 +236,11 @@ def decode_image(raw, draft=None):
 
 def decode_captions(raw, sep=None):
     """Bytes or str -> the non-empty captions (several when `sep` splits them)."""
-    try:
+    try:  # not UTF-8 (a CSV is read with surrogateescape, so its stray bytes show here too): a bad sample
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-    except UnicodeDecodeError:
-        raise BadSample("bad_caption")
+        text.encode("utf-8")
+    except (UnicodeDecodeError, UnicodeEncodeError):
+        raise BadSample("bad_caption", "not UTF-8")
     captions = [" ".join(c.split()) for c in (text.split(sep) if sep else [text])]
     if not any(captions):
         raise BadSample("empty_caption")
@@ -250,7 +252,7 @@ class Strings:
     copied into each worker page by page as reference counts change (the classic worker memory blow-up)."""
 
     def __init__(self, strings):
-        encoded = [s.encode("utf-8") for s in strings]
+        encoded = [s.encode("utf-8", "surrogateescape") for s in strings]
         self.offsets = np.cumsum([0] + [len(e) for e in encoded])
         self.buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8)
 
@@ -258,7 +260,7 @@ class Strings:
         return len(self.offsets) - 1
 
     def __getitem__(self, i):
-        return self.buffer[self.offsets[i]:self.offsets[i + 1]].tobytes().decode("utf-8")
+        return self.buffer[self.offsets[i]:self.offsets[i + 1]].tobytes().decode("utf-8", "surrogateescape")
 
 
 class Files:
@@ -293,7 +295,7 @@ class Files:
 def read_csv(path, data_root=None, img_key="filepath", caption_key="title", sep=None, draft=None):
     """open_clip's CSV/TSV: the delimiter is sniffed; caption_key may list several columns ("a,b"); image
     paths are relative to data_root (default: the CSV's folder) unless absolute."""
-    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:  # stray bytes: bad_caption
         header = f.readline()
         try:
             delimiter = "\t" if "\t" in header else csv.Sniffer().sniff(header, ",;|").delimiter
@@ -727,6 +729,8 @@ class EvalBatches:
 def check(source, workers=0, **source_args):
     """Read every sample of `source` once; print and return the counts of good and bad samples by kind."""
     src = open_source(source, **source_args)
+    if len(src) == 0:
+        raise ValueError(f"{source}: no samples to check (an empty source, or shards that are not tar archives)")
     items = EvalItems(src, eval_transform(8), get_tokenizer("byte"), 2)  # decoded in full, then made tiny
     batches = EvalBatches(EvalShards(items) if isinstance(src, Shards) else items, 256, workers)
     good = sum(len(images) for images, _ in tqdm(batches, desc=f"checking {source}"))
@@ -750,9 +754,8 @@ def main(argv=None):
     try:
         check(a.source, a.workers, data_root=a.data_root, csv_img_key=a.csv_img_key,
               csv_caption_key=a.csv_caption_key, caption_sep=a.caption_sep)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except runtime.USER_ERRORS as e:
+        runtime.exit_with(e)
     return 0
 
 

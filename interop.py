@@ -32,7 +32,9 @@ image tower is usable, but its text tower needs this repo's tokenizer.py ("token
 
 import json
 import os
+import pickle
 import re
+import warnings
 
 import torch
 import torch.nn as nn
@@ -129,15 +131,27 @@ def check_matches(state_dict, cfg, source="state dict"):
 
 
 def _torch_load(path):
+    """torch.load(weights_only=True): tensors and plain containers only, so a file can never run code here. What it
+    refuses, or cannot read, is one ValueError that names the file and why."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch reports both cases below as UnpicklingError (or worse), told apart by the message
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if found:
-            raise ValueError(f"{path}: holds a {found.group(1)} object, which torch.load(weights_only=True) refuses; "
-                             "load it where it was written and save its model.state_dict() alone") from None
-        why = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
-        raise ValueError(f"{path}: not a PyTorch checkpoint ({why})") from None
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing: the error says enough
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for what is refused; EOFError, RuntimeError, KeyError... for broken files
+        text = str(e)
+        refused = re.search(r"GLOBAL ([\w.]+)", text)  # "Unsupported global: GLOBAL posix.system", or similar
+        if refused:
+            raise ValueError(f"{path}: refused as unsafe to load: it holds a {refused.group(1)} object (only tensors and "
+                             "plain containers are loaded); if you trust the file, load it where it was written and "
+                             "save its model's state_dict() alone") from None
+        if isinstance(e, pickle.UnpicklingError):
+            op = re.search(r"Unsupported operand \d+", text)
+            raise ValueError(f"{path}: refused as unsafe to load: a pickle this loader cannot prove harmless "
+                             f"({op.group(0) if op else 'not plain tensors'}); use a file of tensors only, saved "
+                             "with torch.save") from None
+        first = next((line.strip() for line in text.splitlines() if line.strip()), "").split(". ")[0][:100]
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}{': ' + first if first else ''}"
+                         "; empty, cut short or another format)") from None
 
 
 def load_state_dict_any(path):
@@ -210,7 +224,10 @@ TRAINING_KEYS = ("model", "config", "step", "optimizer", "settings", "rng")  # o
 
 def load_checkpoint(path):
     """train.py's checkpoint.pt as the dict it saved, for resuming; anything else is a one-line ValueError."""
-    ckpt = _torch_load(path)
+    try:
+        ckpt = _torch_load(path)
+    except ValueError as e:
+        raise ValueError(f"{e}; cannot resume from it: delete it to start the run over, or pass --resume none") from None
     missing = [k for k in TRAINING_KEYS if k not in ckpt] if isinstance(ckpt, dict) else TRAINING_KEYS
     if missing:
         raise ValueError(f"{path}: not a training checkpoint of train.py (no {', '.join(missing[:3])}); to start "

@@ -8,7 +8,9 @@ import datetime
 import errno
 import json
 import os
+import shutil
 import subprocess
+import sys
 
 import torch
 import torch.distributed as dist
@@ -106,13 +108,26 @@ def atomic_write(path, write):
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException as e:
+    except Exception as e:
+        # torch.save reports a full disk as an obscure RuntimeError: look at the disk itself, temp file still there
+        full = isinstance(e, OSError) and e.errno == errno.ENOSPC or _nearly_full(path)
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left on device" in str(e):
+        if full:
             raise DiskFull(errno.ENOSPC, f"no space left on device writing {path}: free some space and rerun the "
                            "same command (it resumes from the last checkpoint)") from None
         raise
+    except BaseException:  # an interrupt: no temp file left behind either
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def _nearly_full(path):
+    try:
+        return shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 1 << 20
+    except OSError:
+        return False
 
 
 def save_torch(obj, path):
@@ -149,3 +164,35 @@ def git_hash():
         return head.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+# -----------------------------------------------------------------------------
+# command lines: a failure the user can act on is one line on stderr, never a traceback
+
+STOPPED = (FloatingPointError, DiskFull)  # a run that stopped on its own: exit status 1; bad input: 2
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
+
+
+def check_out_dir(path, flag="--out"):
+    """Refuse an output folder that cannot be made or written, before anything is written."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a file, not a folder; pass another {flag}")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: {existing} is not a writable folder; pass another {flag}")
+
+
+def exit_with(error):
+    """Print `error` as one line (`error: ...`) and exit: 1 for a run that stopped, 2 for bad input."""
+    text = str(error)
+    if isinstance(error, OSError) and not isinstance(error, DiskFull) and error.strerror:
+        where = error.filename or "a file of the run"  # an OSError from the system: say where, and what to do
+        fix = {errno.ENOSPC: "free some space and rerun the same command (it resumes from the last checkpoint)",
+               errno.EACCES: "check its permissions, or pass another --out",
+               errno.EROFS: "it is on a read-only file system: pass another --out"}.get(error.errno, "check it")
+        text = f"{where}: {error.strerror.lower()}; {fix}"
+    print(f"error: {' '.join(text.split())}", file=sys.stderr)
+    sys.exit(1 if isinstance(error, STOPPED) or getattr(error, "errno", None) == errno.ENOSPC else 2)

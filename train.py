@@ -236,6 +236,13 @@ def load_checkpoint(path, model, optimizer, distill, settings, device, scaler=NO
     return ckpt["step"], ckpt["wall_time"], ckpt.get("losses", {})
 
 
+def _record_step(line):
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):  # a record cut short by a crash: dropped
+        return math.inf
+
+
 class Log:
     """metrics.jsonl and the console, written by rank 0 only: a progress bar on a terminal, plain lines in a log
     file. A resumed run replays the steps after its checkpoint, so their old records are dropped first."""
@@ -245,7 +252,7 @@ class Log:
         self.tty = enabled and sys.stderr.isatty()
         self.bar = tqdm(total=total_steps, initial=step, disable=not self.tty, unit="step", dynamic_ncols=True)
         if enabled:
-            kept = [r for r in open(self.path) if json.loads(r)["step"] <= step] if os.path.exists(self.path) else []
+            kept = [r for r in open(self.path) if _record_step(r) <= step] if os.path.exists(self.path) else []
             runtime.save_text("".join(kept), self.path)
 
     def __call__(self, record, line, always=True):
@@ -462,18 +469,15 @@ def main(argv=None):
     settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
     try:
         check_settings(settings)
+        runtime.check_out_dir(args.out)
         init = interop.load_state_dict_any(args.init_from) if args.init_from else None
         teacher = interop.load_model(args.teacher) if args.teacher else None
         cfg = model_config(args.size, args, like=init[1] if init else teacher.cfg if teacher else None)
         model = first_model(cfg, settings.seed, init, args.grow_method, args.init_from)
         distill = FeatureDistill(cfg.embed_dim, teacher.cfg.embed_dim, args.alpha) if teacher else None
         metrics = train(model, settings, args.out, teacher=teacher, distill=distill)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except FloatingPointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except runtime.USER_ERRORS as e:  # one line, no traceback: 2 for bad input, 1 for a run that stopped (NaN, disk)
+        runtime.exit_with(e)
     finally:
         runtime.destroy_distributed()
     if runtime.is_rank0():

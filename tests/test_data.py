@@ -427,8 +427,10 @@ def test_check_command(tmp_path, capsys):
     assert data.main(["check", str(root / "{00000..00001}.tar"), "--workers", "2"]) == 0
     out = capsys.readouterr().out
     assert "15 samples expected" in out and "unreadable_shard: " in out
-    assert data.main(["check", str(tmp_path / "nope.csv")]) == 2
+    with pytest.raises(SystemExit) as e:
+        data.main(["check", str(tmp_path / "nope.csv")])
     err = capsys.readouterr().err
+    assert e.value.code == 2
     assert err.startswith("error: ") and "nope.csv" in err
 
 
