@@ -18,7 +18,6 @@ with no manual conversion; the distillation projectors are saved with the studen
 (`inherit` is the official one; `lossless`, the default, preserves the predecessor's function exactly).
 """
 
-import argparse
 import json
 import os
 import sys
@@ -255,7 +254,7 @@ def report(stages, ledger_rows, totals, results=None, twins=None):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train a CoM-PT model chain: the smallest from scratch, each next one "
+    p = runtime.ArgumentParser(description="Train a CoM-PT model chain: the smallest from scratch, each next one "
                                 "grown from its predecessor and distilled towards it; report the cost ledger.")
     p.add_argument("--sizes", required=True, help=f"comma list in ascending order, from: {', '.join(vit.SIZES)}")
     p.add_argument("--epochs", default="", help="epochs per stage, comma list (default: 128,24,16,16..., official)")

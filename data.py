@@ -28,7 +28,6 @@ Deviations from open_clip: JPEGs are DCT-downscaled while decoding (never below 
 dropped; bad samples are replaced rather than crashing a worker.
 """
 
-import argparse
 import csv
 import glob
 import io
@@ -741,7 +740,7 @@ def check(source, workers=0, **source_args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="python data.py check SOURCE: read a data source end to end and count "
+    p = runtime.ArgumentParser(description="python data.py check SOURCE: read a data source end to end and count "
                                             "its good and bad samples by kind, without training")
     p.add_argument("command", choices=["check"])
     p.add_argument("source", help="a .csv/.tsv, a .tar, a brace range or glob of shards, or a folder")

@@ -3,6 +3,7 @@ The runtime under training: device choice, the precision policy, the torchrun pr
 the code version. Nothing here is about CLIP or the chain; train.py and chain.py share it.
 """
 
+import argparse
 import contextlib
 import datetime
 import errno
@@ -171,6 +172,14 @@ def git_hash():
 
 STOPPED = (FloatingPointError, DiskFull)  # a run that stopped on its own: exit status 1; bad input: 2
 USER_ERRORS = (ValueError, OSError, FloatingPointError)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line too (argparse prints the whole usage first)."""
+
+    def error(self, message):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def check_out_dir(path, flag="--out"):

@@ -100,7 +100,10 @@ class BPETokenizer:
     vocab_size = 49408
 
     def __init__(self, bpe_path):
-        lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")[1:self.vocab_size - 512 - 2 + 1]
+        try:
+            lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")[1:self.vocab_size - 512 - 2 + 1]
+        except (OSError, EOFError, UnicodeDecodeError) as e:  # not gzip, cut short, not text
+            raise ValueError(f"--bpe {bpe_path}: not a CLIP BPE vocabulary ({e}); pass {BPE_FILE}") from None
         merges = [tuple(line.split()) for line in lines if line]
         self.byte_encoder = bytes_to_unicode()
         vocab = list(self.byte_encoder.values())

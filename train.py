@@ -16,7 +16,6 @@ runs on more GPUs, the loss being global, or with --grad-checkpointing).
     python train.py --size cpu-tiny                     # the embedded synthetic set, minutes on a laptop CPU
 """
 
-import argparse
 import json
 import math
 import os
@@ -437,10 +436,13 @@ def add_model_args(parser):
 
 def model_config(size, args, like=None):
     """The CLIPConfig of `size` for these flags: the data shape (image size, patch, context, tokenizer) from the
-    flags, else from `like` (the config of a checkpoint given with --init-from or --teacher), else the data's."""
+    flags, else from `like` (the config of a checkpoint given with --init-from or --teacher), else the data's. The
+    model flags (add_model_args) are checked here, before any work."""
     keys = ("image_size", "patch_size", "context_length")
     if min(getattr(args, k) for k in keys) < 0:
         raise ValueError("--image-size, --patch-size and --context-length must be positive (0: the data's default)")
+    if not args.alpha >= 0:
+        raise ValueError(f"--alpha must be 0 or more (the weight of the feature-distillation loss), got {args.alpha}")
     default = like.to_dict() if like is not None else data.default_shape(args.data, args.bpe)
     shape = {k: getattr(args, k) or default[k] for k in keys + ("tokenizer",)}
     return vit.config(size, **shape, vocab_size=VOCAB_SIZES[shape["tokenizer"]])
@@ -456,7 +458,7 @@ def first_model(cfg, seed, init=None, method="lossless", init_from=""):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train one CLIP model (optionally distilled from a teacher).")
+    p = runtime.ArgumentParser(description="Train one CLIP model (optionally distilled from a teacher).")
     p.add_argument("--size", default="cpu-tiny", help=f"model size: {', '.join(vit.SIZES)}")
     p.add_argument("--out", default="out", help="output folder: checkpoint.pt, metrics.jsonl, config.json, open_clip/")
     add_model_args(p)

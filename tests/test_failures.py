@@ -137,6 +137,9 @@ TRAIN_CASES = [  # (flags, what the one line must name)
     (["--teacher", "{cut.pt}"], "cut.pt"),
     (["--out", "{a_file}"], "is a file, not a folder"),
     (["--steps", "-1"], "--steps"),
+    (["--bpe", "{a_file}", "--tokenizer", "clip-bpe"], "a_file: not a CLIP BPE vocabulary"),
+    (["--alpha", "-1"], "--alpha"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
 ]
 
 
@@ -167,6 +170,8 @@ def test_a_read_only_out_is_one_line(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize("flags, culprit, status", [
     (["--sizes", ""], "--sizes", 2),
+    (["--sizes", "cpu-tiny,cpu-small", "--alpha", "-1"], "--alpha", 2),
+    (["--sizes", "cpu-tiny,cpu-small", "--resume", "x"], "unrecognized arguments: --resume", 2),
     (["--sizes", "cpu-tiny,cpu-small", "--steps", "2,1", "--lr", "1e30"], "non-finite loss", 1),  # NaN in a stage
 ])
 def test_chain_bad_input_is_one_line(flags, culprit, status, tmp_path, capsys):
