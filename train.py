@@ -76,8 +76,8 @@ class Settings:
     seed: int = flag(0, "seed of the model's initialisation and of the data order and augmentation")
     # runtime
     device: str = flag("auto", "auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
-    precision: str = flag("", "autocast dtype: bf16, fp16 (with a GradScaler) or fp32 (default: bf16 on CUDA, else "
-                          "fp32); norms, logits and losses stay fp32")
+    precision: str = flag("", "autocast dtype: bf16, fp16 (with a GradScaler) or fp32 (default: bf16 on CUDA and on "
+                          "CPUs with bf16 matrix instructions, else fp32); norms, logits and losses stay fp32")
     grad_checkpointing: bool = flag(False, "recompute activations in the backward pass: less memory, more compute")
     compile: bool = flag(False, "torch.compile the two towers (slow first steps, then faster)")
     # evaluation, logging, checkpoints

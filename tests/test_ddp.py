@@ -45,13 +45,13 @@ def one_step(rank=0, world=1):
     wrapped = DDP(objective) if world > 1 else objective
     images, tokens = (x.chunk(world)[rank] for x in global_batch())
     optimizer = train.make_optimizer(student, train.Settings(), torch.device("cpu"), distill)
-    losses = train.train_step(wrapped, optimizer, images, tokens, 0.0, 0.0, tiny_model(1))
+    losses = train.train_step(wrapped, optimizer, images, tokens, 0.0, 0.0, tiny_model(1), precision="fp32")
     return losses, {n: p.grad.clone() for n, p in objective.named_parameters()}
 
 
 def settings(**kw):  # 32 samples: 4 steps of a global batch of 8
-    return train.Settings(**{**dict(steps=4, batch_size=B, warmup=2, num_samples=32, device="cpu", save_every=2,
-                                    log_every=1, eval_every=0), **kw})
+    return train.Settings(**{**dict(steps=4, batch_size=B, warmup=2, num_samples=32, device="cpu", precision="fp32",
+                                    save_every=2, log_every=1, eval_every=0), **kw})  # fp32: compared to 1e-4
 
 
 class Interrupt(Exception):
@@ -101,7 +101,7 @@ def worker(rank, port, tmp):
         # a 2-stage chain (grow + FD) under the same process group, as `torchrun chain.py` runs it
         saw["chain"] = chain.main(["--sizes", "cpu-tiny,cpu-small", "--steps", "2,2", "--batch-size", str(B),
                                    "--num-samples", "32", "--image-size", "32", "--patch-size", "16",
-                                   "--context-length", "16", "--device", "cpu", "--eval-every", "0",
+                                   "--context-length", "16", "--device", "cpu", "--precision", "fp32", "--eval-every", "0",
                                    "--out", os.path.join(tmp, "chain")])
         torch.save(saw, os.path.join(tmp, f"rank{rank}.pt"))
     finally:

@@ -1,0 +1,122 @@
+"""
+Training-step speed of this repo against open_clip, side by side in one process, alternating rounds.
+
+Ours is train.train_step exactly as train() runs it (its default precision for the device, AdamW as make_optimizer
+builds it, grad-norm clipping at 1.0, the logit-scale clamp). open_clip's is its CLIP of the same shape with its
+ClipLoss, torch's default AdamW and the clamp, at fp32 and under bf16 autocast (its --precision amp_bf16); the
+ratio is ours over open_clip's best. Shapes: the CoM-PT tiny model at 224 px / patch 16 / 77 tokens, and at the
+synthetic set's data shape (the main command's first stage), batch 32. Random data, the same for both.
+
+open_clip is not a dependency: run it from an environment that has it, e.g.
+    python -m venv --system-site-packages /tmp/oc && /tmp/oc/bin/pip install open_clip_torch
+    /tmp/oc/bin/python benchmarks/speed_vs_openclip.py               # ~3 min on 2 CPU cores
+Without open_clip it times ours alone. Run it on an otherwise idle machine: two cores are easily swamped.
+"""
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import data  # noqa: E402
+import runtime  # noqa: E402
+import train  # noqa: E402
+import vit  # noqa: E402
+
+try:
+    import open_clip
+except ImportError:
+    open_clip = None
+
+parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+parser.add_argument("--size", default="tiny", help=f"model size: {', '.join(vit.SIZES)}")
+parser.add_argument("--batch-size", type=int, default=32, help="image-text pairs per step")
+parser.add_argument("--rounds", type=int, default=4, help="alternating rounds; each contender's best round counts")
+parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
+parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+parser.add_argument("--device", default="cpu", help="cpu or cuda")
+args = parser.parse_args()
+if args.threads:
+    torch.set_num_threads(args.threads)
+device = runtime.pick_device(args.device)
+synthetic = data.default_shape("synthetic")
+SHAPES = {"224 px, patch 16, 77 tokens": dict(image_size=224, patch_size=16, context_length=77, vocab_size=49408),
+          f"{synthetic['image_size']} px, patch {synthetic['patch_size']}, {synthetic['context_length']} tokens "
+          "(the main command's stage 1)": dict(image_size=synthetic["image_size"], patch_size=synthetic["patch_size"],
+                                               context_length=synthetic["context_length"], vocab_size=259)}
+
+
+def batch(cfg):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(args.batch_size, 3, cfg.image_size, cfg.image_size, generator=g).to(device)
+    tokens = torch.randint(1, cfg.vocab_size - 1, (args.batch_size, cfg.context_length), generator=g)
+    tokens[:, cfg.context_length // 3] = cfg.vocab_size - 1  # end-of-text token: pooling reads here
+    return images, tokens.to(device)
+
+
+def ours(cfg):
+    torch.manual_seed(0)
+    model = vit.CLIP(cfg).to(device).train()
+    settings = train.Settings(device=args.device)
+    objective, optimizer = train.Objective(model), train.make_optimizer(model, settings, device)
+    images, tokens = batch(cfg)
+    return lambda: train.train_step(objective, optimizer, images, tokens, settings.lr, settings.grad_clip)
+
+
+def theirs(cfg, precision):
+    torch.manual_seed(0)
+    model = open_clip.CLIP(embed_dim=cfg.embed_dim, vision_cfg=dict(
+        image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.vision_width, layers=cfg.vision_layers),
+        text_cfg=dict(context_length=cfg.context_length, vocab_size=cfg.vocab_size, width=cfg.text_width,
+                      heads=cfg.text_heads, layers=cfg.text_layers)).to(device).train()
+    loss_fn = open_clip.ClipLoss()
+    exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
+    named = list(model.named_parameters())
+    optimizer = torch.optim.AdamW([{"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
+                                   {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": 0.1}],
+                                  lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
+    images, tokens = batch(cfg)
+
+    def step():
+        with runtime.autocast(device, precision):
+            loss = loss_fn(*model(images, tokens))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        return loss.item()
+    return step
+
+
+def time_round(step):
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return args.batch_size * args.steps / (time.perf_counter() - t0)
+
+
+print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, CPU capabilities: bf16 matrix "
+      f"{runtime.has_bf16_matmul()}; our default precision: {runtime.default_precision(device)}; "
+      f"open_clip {open_clip.__version__ if open_clip else 'not installed'}")
+print(f"\n| shape ({args.size}, batch {args.batch_size}) | ours | open_clip fp32 | open_clip bf16 autocast | ours / "
+      "open_clip's best |\n| --- | ---: | ---: | ---: | ---: |")
+for name, shape in SHAPES.items():
+    cfg = vit.config(args.size, **shape)
+    contenders = {"ours": ours(cfg)}
+    if open_clip:
+        contenders.update({"fp32": theirs(cfg, "fp32"), "bf16": theirs(cfg, "bf16")})
+    for step in contenders.values():  # warm up: first-call allocations, oneDNN primitive caches
+        step(), step()
+    best = {k: 0.0 for k in contenders}
+    for _ in range(args.rounds):  # alternating, so that a change in the machine's load hits all alike
+        for k, step in contenders.items():
+            best[k] = max(best[k], time_round(step))
+    theirs_best = max((v for k, v in best.items() if k != "ours"), default=float("nan"))
+    cells = [f"{best.get(k, float('nan')):.1f}" for k in ("ours", "fp32", "bf16")]
+    print(f"| {name} | " + " | ".join(cells) + f" | {best['ours'] / theirs_best:.2f}x |", flush=True)
