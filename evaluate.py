@@ -2,15 +2,17 @@
 Evaluation of CLIP models: zero-shot classification and image-text retrieval, as CLIP_benchmark defines them.
 
 Zero-shot (Radford et al. 2021): a class embedding is the mean of its normalised prompt-template embeddings,
-renormalised; an image is classified by cosine similarity; metrics top-1 and top-5 accuracy. Retrieval: R@k both
-ways, a query being a hit when any of its positives is among the top k (with several captions per image). Used by
-train.py during training and by chain.py's report.
+renormalised; an image is classified by cosine similarity; metrics top-1 and top-5 accuracy and mean per-class recall
+(balanced accuracy). Retrieval: R@k both ways, a query being a hit when any of its positives is among the top k (with
+several captions per image). Used by train.py during training and by chain.py's report.
 """
 
+import math
 import os
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import data
 import runtime
@@ -31,8 +33,6 @@ def load_templates(templates, default):
     if bad or not templates:
         raise ValueError(f"templates: {bad[0]!r} has no '{{}}' for the class name" if bad else "templates: none")
     return templates
-
-
 
 
 def build_eval_sets(source="synthetic", *, tokenizer, image_size, context_length, zeroshot_data=None,
@@ -81,6 +81,8 @@ def build_eval_sets(source="synthetic", *, tokenizer, image_size, context_length
     return sets
 
 
+# -----------------------------------------------------------------------------
+# metrics
 
 
 def zeroshot_accuracy(image_features, labels, class_features, ks=(1, 5)):
@@ -88,6 +90,20 @@ def zeroshot_accuracy(image_features, labels, class_features, ks=(1, 5)):
     top = (image_features @ class_features.T).topk(min(max(ks), len(class_features)), dim=-1).indices  # (N, k)
     hits = top == labels[:, None]
     return {k: hits[:, :k].any(dim=-1).float().mean().item() for k in ks}
+
+
+def mean_per_class_recall(logits, labels):
+    """The mean over the classes present in `labels` of the fraction of their samples whose top logit is right
+    (CLIP_benchmark's mean per-class recall, sklearn's balanced accuracy)."""
+    hits = (logits.argmax(dim=-1) == labels).float()  # (N,)
+    counts = torch.bincount(labels, minlength=logits.shape[1]).float()  # (K,)
+    right = torch.zeros_like(counts).index_add_(0, labels, hits)
+    return (right[counts > 0] / counts[counts > 0]).mean().item()
+
+
+def classification_metrics(logits, labels):
+    return {"top1": (logits.argmax(dim=-1) == labels).float().mean().item(),
+            "mean_per_class_recall": mean_per_class_recall(logits, labels)}
 
 
 def retrieval_recall(image_features, text_features, text_image, ks=(1, 5, 10)):
@@ -104,10 +120,21 @@ def retrieval_recall(image_features, text_features, text_image, ks=(1, 5, 10)):
     return out
 
 
+# -----------------------------------------------------------------------------
+# zero-shot classification and retrieval
+
+
+def progress(batches, desc):
+    """A progress bar over `batches` that shows on a terminal once they take more than 3 seconds."""
+    total = len(batches) if hasattr(batches, "__len__") else \
+        math.ceil(len(batches.dataset) / batches.batch_size) if isinstance(batches, data.EvalBatches) else None
+    return tqdm(batches, desc=desc, total=total, delay=3, leave=False, disable=None, unit="batch")
+
+
 @torch.no_grad()
 def embed(encode, inputs, device, precision="", batch_size=256):
     """Normalised fp32 features of `inputs` (images or tokens), encoded in chunks."""
-    out = []
+    device, out = torch.device(device), []
     for chunk in inputs.split(batch_size):
         with runtime.autocast(device, precision):
             out.append(F.normalize(encode(chunk.to(device)).float(), dim=-1))
@@ -115,9 +142,9 @@ def embed(encode, inputs, device, precision="", batch_size=256):
 
 
 def evaluate(model, eval_sets, device, precision=""):
-    """Zero-shot top-1/top-5 and retrieval R@1/5/10 (fractions in [0, 1]) of `model` on data.build_eval_sets'
-    sets: "zeroshot" (batches of images and labels, prompt tokens (classes, templates, C)) and "retrieval" (batches
-    of images and their k captions' tokens (b, k, C)). Each set's batches are read once."""
+    """Zero-shot top-1/top-5/mean per-class recall and retrieval R@1/5/10 (fractions in [0, 1]) of `model` on
+    build_eval_sets' sets: "zeroshot" (batches of images and labels, prompt tokens (classes, templates, C)) and
+    "retrieval" (batches of images and their k captions' tokens (b, k, C)). Each set's batches are read once."""
     was_training = model.training
     model.eval()
     out = {}
@@ -127,17 +154,18 @@ def evaluate(model, eval_sets, device, precision=""):
         prompts = embed(model.encode_text, zs["tokens"].view(-1, C), device, precision)  # (n_classes * n_templates, E)
         # a class is the mean of its normalised template embeddings, renormalised
         class_features = F.normalize(prompts.view(n_classes, n_templates, -1).mean(dim=1), dim=-1)  # (K, E)
-        images, labels = zip(*[(embed(model.encode_image, x, device, precision), y) for x, y in zs["batches"]])
-        top = zeroshot_accuracy(torch.cat(images), torch.cat(labels).to(device), class_features)
-        out.update(zeroshot_top1=top[1], zeroshot_top5=top[5])
+        images, labels = zip(*[(embed(model.encode_image, x, device, precision), y)
+                               for x, y in progress(zs["batches"], "zero-shot")])
+        images, labels = torch.cat(images), torch.cat(labels).to(device)
+        top = zeroshot_accuracy(images, labels, class_features)
+        out.update(zeroshot_top1=top[1], zeroshot_top5=top[5],
+                   zeroshot_mean_per_class_recall=mean_per_class_recall(images @ class_features.T, labels))
     if "retrieval" in eval_sets:
         images, texts = zip(*[(embed(model.encode_image, x, device, precision),
                                embed(model.encode_text, t.flatten(0, 1), device, precision).view(*t.shape[:2], -1))
-                              for x, t in eval_sets["retrieval"]["batches"]])
+                              for x, t in progress(eval_sets["retrieval"]["batches"], "retrieval")])
         images, texts = torch.cat(images), torch.cat(texts)  # (N, E), (N, k, E): k captions per image
         text_image = torch.arange(len(images), device=device).repeat_interleave(texts.shape[1])
         out.update(retrieval_recall(images, texts.flatten(0, 1), text_image))
     model.train(was_training)
     return out
-
-
