@@ -1,10 +1,28 @@
-"""Tests of evaluate.py: zero-shot and retrieval metrics against brute force, mean per-class recall, evaluate()'s
-template averaging and caption order."""
+"""Tests of evaluate.py: zero-shot and retrieval metrics against brute force, the linear probe (separable features,
+random labels, the held-out split), attribute probes."""
+
 import pytest
 import torch
 import torch.nn as nn
 
 import evaluate
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The models and batches here are tiny: on a shared CPU, splitting them between threads made them 5-10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def clusters(n, classes=4, dim=16, seed=0):
+    """n features around `classes` well-separated centres (a margin of several noise widths), labels in turn."""
+    g = torch.Generator().manual_seed(seed)
+    centres = 3 * torch.randn(classes, dim, generator=torch.Generator().manual_seed(99))
+    labels = torch.arange(n) % classes
+    return centres[labels] + 0.5 * torch.randn(n, dim, generator=g), labels
 
 
 # -----------------------------------------------------------------------------
@@ -85,3 +103,61 @@ def test_evaluate_averages_normalised_templates_and_keeps_caption_order():
     retrieval = dict(batches=iter([(torch.eye(3)[:2], tokens[:2]), (torch.eye(3)[2:], tokens[2:])]))
     r = evaluate.evaluate(Lookup(table), {"retrieval": retrieval}, torch.device("cpu"))
     assert r == {f"{d}_R@{k}": 1.0 for d in ("i2t", "t2i") for k in (1, 5, 10)}
+
+
+# -----------------------------------------------------------------------------
+# linear probes
+
+
+def test_linear_probe_reaches_100_percent_on_separable_features_deterministically():
+    (train_x, train_y), (test_x, test_y) = clusters(200, seed=1), clusters(100, seed=2)
+    result = evaluate.linear_probe(train_x, train_y, test_x, test_y)
+    assert result["top1"] == result["mean_per_class_recall"] == 1.0
+    assert result["weight_decay"] in evaluate.WEIGHT_DECAYS
+    assert evaluate.linear_probe(train_x, train_y, test_x, test_y) == result  # seeded split, L-BFGS from zeros
+
+
+def test_linear_probe_on_random_labels_stays_near_chance():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(1600, 16, generator=g), torch.randint(4, (1600,), generator=g)
+    result = evaluate.linear_probe(x[:1000], y[:1000], x[1000:], y[1000:])
+    assert abs(result["top1"] - 0.25) < 0.06 and abs(result["mean_per_class_recall"] - 0.25) < 0.06  # 600: sd 0.018
+
+
+def test_held_out_split_is_a_seeded_fifth_of_each_class():
+    labels = torch.tensor([0] * 10 + [1] * 5 + [2] * 4)  # class 2: too few to hold one out
+    kept, held = evaluate.held_out_split(labels, 0.2, seed=0)
+    assert sorted(torch.cat([kept, held]).tolist()) == list(range(19))
+    assert torch.bincount(labels[held], minlength=3).tolist() == [2, 1, 0]
+    again, other = evaluate.held_out_split(labels, 0.2, seed=0), evaluate.held_out_split(labels, 0.2, seed=1)
+    assert torch.equal(again[1], held) and not torch.equal(other[1], held)
+
+
+class Pixels(nn.Module):
+    """A stand-in image tower whose features are the pixels."""
+
+    def encode_image(self, images):
+        return images.flatten(1)
+
+
+def probe_split(n, seed, size=2):
+    """Pictures (n, 3, size, size) that show a colour (the bright channel) at a position (the bright quadrant), with
+    a label that no picture shows, and a relation that only half the pictures have (-1 for the others)."""
+    g = torch.Generator().manual_seed(seed)
+    colour, position = torch.randint(3, (n,), generator=g), torch.randint(4, (n,), generator=g)
+    images = 0.1 * torch.randn(n, 3, 4, generator=g)
+    images[torch.arange(n), colour, position] += 3.0
+    relation = torch.where(torch.arange(n) % 2 == 0, position % 2, -1)
+    labels = dict(colour=colour, position=position, noise=torch.randint(4, (n,), generator=g), relation=relation)
+    quadrants = images.view(n, 3, 2, 2)
+    return quadrants.repeat_interleave(size // 2, dim=2).repeat_interleave(size // 2, dim=3), labels
+
+
+def test_attribute_probes_read_each_attribute_from_shared_features():
+    probes = {"train": probe_split(400, 0), "test": probe_split(200, 1)}
+    out = evaluate.attribute_probes(Pixels(), probes, torch.device("cpu"), batch_size=64)
+    assert set(out) == {"probe_colour", "probe_position", "probe_noise", "probe_relation"}
+    assert out["probe_colour"] == out["probe_position"] == out["probe_relation"] == 1.0
+    assert abs(out["probe_noise"] - 0.25) < 0.12  # 200 test pictures: sd 0.03
+    with pytest.raises(ValueError, match=r"test split's attributes \[\] are not \['colour', 'noise', 'position',"):
+        evaluate.attribute_probes(Pixels(), {"train": probes["train"], "test": (probes["test"][0], {})}, "cpu")
