@@ -1,6 +1,6 @@
 """
-Evaluation of CLIP models: zero-shot classification, image-text retrieval, linear probes of the image tower, and
-linear probes of the synthetic set's attributes (the paper judges its models on 45 datasets, zero-shot and
+Evaluation of CLIP models: zero-shot classification, image-text retrieval, linear probes and fine-tuning of the image
+tower, and linear probes of the synthetic set's attributes (the paper judges its models on 45 datasets, zero-shot and
 fine-tuning). train.py evaluates with it during training, and chain.py's report shows its figures.
 
 Metrics follow CLIP_benchmark. Zero-shot (Radford et al. 2021): a class embedding is the mean of its normalised
@@ -10,14 +10,18 @@ positives is among the top k. Linear probe: logistic regression on the frozen, L
 weight decay chosen on a held-out 20% of the training split, then refit on the whole split; top-1 and mean per-class
 recall. Deviations from CLIP_benchmark's probe: full-batch L-BFGS on standardised features (the CLIP paper's solver;
 CLIP_benchmark uses AdamW for 10 epochs), one weight decay per decade from 1e-6 to 1e2 (CLIP_benchmark bisects
-further around the best), features kept in memory rather than cached on disk.
+further around the best), features kept in memory rather than cached on disk. Fine-tuning (not in CLIP_benchmark):
+the image tower and a zero-initialised linear head on its embedding, AdamW with warmup and cosine decay.
 """
 
+import copy
 import math
 import os
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import Subset
 from tqdm import tqdm
 
 import data
@@ -273,3 +277,63 @@ def attribute_probes(model, probe_sets, device, precision="", batch_size=256, **
         result = linear_probe(train_x[fit], train_y[fit, j], test_x[test], test_y[test, j], device=device, **probe_args)
         out[f"probe_{name}"] = result["top1"]
     return out
+
+
+# -----------------------------------------------------------------------------
+# fine-tuning: the image tower and a linear head, end to end
+
+
+class Classifier(nn.Module):
+    def __init__(self, visual, embed_dim, n_classes):
+        super().__init__()
+        self.visual = visual
+        self.head = nn.Linear(embed_dim, n_classes)
+        nn.init.zeros_(self.head.weight)  # every class equally likely at the start
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, images):
+        return self.head(self.visual(images))  # (B, classes), on the image embedding (before normalisation)
+
+
+def folder_pair(train_dir, test_dir, flag, draft=None):
+    """The training and test ImageFolders (data.Files with labels) and the class names, which must be the same."""
+    (train_files, names), (test_files, test_names) = (data.image_folder(d, draft, flag) for d in (train_dir, test_dir))
+    if names != test_names:
+        raise ValueError(f"{flag}: {train_dir} and {test_dir} have different class folders (in one only: "
+                         f"{sorted(set(names) ^ set(test_names))[:3]}); give both splits the same class folders")
+    return train_files, test_files, names
+
+
+def finetune(model, train_folder, test_folder, device, *, epochs=5, lr=1e-4, weight_decay=0.1, batch_size=64,
+             workers=0, seed=0, precision=""):
+    """Fine-tune a copy of `model`'s image tower with a zero-initialised linear head on an ImageFolder's training
+    split (data.train_transform at the model's image size; AdamW, open_clip's parameter groups, 10% warmup, then
+    cosine decay), and return the test split's (data.eval_transform) top1 and mean_per_class_recall. The caller's
+    model is not changed; epochs=0 gives the initial head's figures."""
+    import train  # here rather than at the top: train.py imports this file
+    device = torch.device(device)
+    train_files, test_files, names = folder_pair(train_folder, test_folder, "--finetune", model.cfg.image_size)
+    items = data.EvalItems(train_files, data.train_transform(model.cfg.image_size))
+    total_steps = epochs * math.ceil(len(items) / batch_size)
+    with torch.random.fork_rng(devices=[]):  # seeded head, order and augmentation; the caller's RNG untouched
+        torch.manual_seed(seed)
+        classifier = Classifier(copy.deepcopy(model.visual), model.cfg.embed_dim, len(names)).to(device).train()
+        optimizer = torch.optim.AdamW(train.param_groups(classifier, weight_decay), lr=lr)
+        step = 0
+        for epoch in range(epochs):
+            batches = data.EvalBatches(Subset(items, torch.randperm(len(items)).tolist()), batch_size, workers)
+            for images, labels in progress(batches, f"fine-tuning, epoch {epoch + 1}/{epochs}"):
+                for group in optimizer.param_groups:
+                    group["lr"] = train.lr_at(step, total_steps, total_steps // 10, lr)
+                with runtime.autocast(device, precision):
+                    logits = classifier(images.to(device))
+                loss = F.cross_entropy(logits.float(), labels.to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+    classifier.eval()
+    test = data.EvalBatches(data.EvalItems(test_files, data.eval_transform(model.cfg.image_size)), batch_size, workers)
+    with torch.no_grad(), runtime.autocast(device, precision):
+        logits, labels = zip(*[(classifier(x.to(device)).float().cpu(), y) for x, y in progress(test, "fine-tune test")])
+    return classification_metrics(torch.cat(logits), torch.cat(labels))

@@ -1,11 +1,18 @@
 """Tests of evaluate.py: zero-shot and retrieval metrics against brute force, the linear probe (separable features,
-random labels, the held-out split), attribute probes."""
+random labels, the held-out split), attribute probes, fine-tuning."""
+import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from PIL import Image
 
 import evaluate
+import vit
+
+TINY = dict(image_size=32, patch_size=16, context_length=16, vocab_size=259, tokenizer="byte")
+RGB = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220)}
 
 
 @pytest.fixture(autouse=True)
@@ -15,6 +22,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return vit.CLIP(vit.config("cpu-tiny", **{**TINY, **overrides}))
+
+
+def image_folder(root, n, seed, classes=tuple(RGB)):
+    """An ImageFolder of n noisy one-colour pictures (32 px) per class, the class being the colour."""
+    rng = np.random.default_rng(seed)
+    for name in classes:
+        os.makedirs(root / name)
+        for i in range(n):
+            pixels = np.array(RGB.get(name, (128, 128, 128))) + rng.normal(0, 30, (32, 32, 3))
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / name / f"{i}.png")
+    return str(root)
 
 
 def clusters(n, classes=4, dim=16, seed=0):
@@ -161,3 +184,20 @@ def test_attribute_probes_read_each_attribute_from_shared_features():
     assert abs(out["probe_noise"] - 0.25) < 0.12  # 200 test pictures: sd 0.03
     with pytest.raises(ValueError, match=r"test split's attributes \[\] are not \['colour', 'noise', 'position',"):
         evaluate.attribute_probes(Pixels(), {"train": probes["train"], "test": (probes["test"][0], {})}, "cpu")
+
+
+# -----------------------------------------------------------------------------
+# fine-tuning
+
+
+def test_finetune_improves_over_the_initial_head_and_leaves_the_model_alone(tmp_path):
+    train_dir, test_dir = image_folder(tmp_path / "train", 8, seed=0), image_folder(tmp_path / "test", 4, seed=1)
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = dict(lr=2e-3, batch_size=8, seed=0)
+    initial = evaluate.finetune(model, train_dir, test_dir, "cpu", epochs=0, **settings)
+    tuned = evaluate.finetune(model, train_dir, test_dir, "cpu", epochs=4, **settings)
+    assert initial == {"top1": pytest.approx(1 / 3), "mean_per_class_recall": pytest.approx(1 / 3)}  # zero head: class 0
+    assert tuned["top1"] >= 0.9 and tuned["mean_per_class_recall"] >= 0.9
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert evaluate.finetune(model, train_dir, test_dir, "cpu", epochs=4, **settings) == tuned  # seeded
