@@ -1,7 +1,8 @@
 """
 Evaluation of CLIP models: zero-shot classification, image-text retrieval, linear probes and fine-tuning of the image
 tower, and linear probes of the synthetic set's attributes (the paper judges its models on 45 datasets, zero-shot and
-fine-tuning). train.py evaluates with it during training, and chain.py's report shows its figures.
+fine-tuning). train.py evaluates with it during training; `python evaluate.py --model M ...` evaluates any model
+interop.py loads (our runs and chain stages, open_clip, the official CoM-PT zoo), prints a markdown table, writes JSON.
 
 Metrics follow CLIP_benchmark. Zero-shot (Radford et al. 2021): a class embedding is the mean of its normalised
 prompt-template embeddings, renormalised; an image goes to the nearest class by cosine similarity; top-1, top-5 and
@@ -14,9 +15,11 @@ further around the best), features kept in memory rather than cached on disk. Fi
 the image tower and a zero-initialised linear head on its embedding, AdamW with warmup and cosine decay.
 """
 
+import argparse
 import copy
 import math
 import os
+import sys
 
 import torch
 import torch.nn as nn
@@ -25,6 +28,7 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 import data
+import interop
 import runtime
 
 SIMPLE_TEMPLATES = ("itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
@@ -337,3 +341,134 @@ def finetune(model, train_folder, test_folder, device, *, epochs=5, lr=1e-4, wei
     with torch.no_grad(), runtime.autocast(device, precision):
         logits, labels = zip(*[(classifier(x.to(device)).float().cpu(), y) for x, y in progress(test, "fine-tune test")])
     return classification_metrics(torch.cat(logits), torch.cat(labels))
+
+
+# -----------------------------------------------------------------------------
+# command line: python evaluate.py --model M [tasks]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate a CLIP model: zero-shot, retrieval, linear probe, fine-tuning "
+                                "and synthetic attribute probes. Prints a markdown table, writes JSON.")
+    p.add_argument("--model", required=True, help="checkpoint.pt, a run or chain-stage folder, an open_clip local-dir "
+                   "or checkpoint file, or an official CoM-PT checkpoint")
+    p.add_argument("--out", default="evaluate.json", help="JSON file of the metrics, the model path and its config")
+    # tasks; none: the synthetic zero-shot and retrieval (models with the byte tokenizer)
+    p.add_argument("--zeroshot", default="", help="an ImageFolder <dir>/<class name>/<image>, or synthetic")
+    p.add_argument("--retrieval", default="", help="synthetic, a .csv/.tsv, .tar shards or a folder (as train.py's --data)")
+    p.add_argument("--linear-probe", default="", metavar="TRAIN_DIR,TEST_DIR", help="two ImageFolders with the same "
+                   "classes: logistic regression on the frozen image features")
+    p.add_argument("--finetune", default="", metavar="TRAIN_DIR,TEST_DIR", help="two ImageFolders with the same "
+                   "classes: the image tower and a linear head trained end to end")
+    p.add_argument("--synthetic-probes", action="store_true", help="linear probes of the synthetic set's attributes")
+    # data
+    p.add_argument("--templates", default="", help="file of zero-shot prompts, one a line with {} for the class name "
+                   "(default: 7 open_clip prompts for an ImageFolder, 3 for synthetic)")
+    p.add_argument("--bpe", default="", help="CLIP BPE vocabulary file, for a model with the clip-bpe tokenizer")
+    p.add_argument("--data-root", default="", help="folder the image paths of a --retrieval csv are relative to")
+    p.add_argument("--csv-img-key", default="filepath", help="csv/tsv column of the image paths")
+    p.add_argument("--csv-caption-key", default="title", help="csv/tsv caption column(s), comma-separated")
+    p.add_argument("--captions-per-image", type=int, default=1, help="captions per image for --retrieval")
+    # fine-tuning
+    p.add_argument("--finetune-epochs", type=int, default=5, help="passes over the training split")
+    p.add_argument("--finetune-lr", type=float, default=1e-4, help="peak AdamW learning rate")
+    p.add_argument("--finetune-wd", type=float, default=0.1, help="AdamW weight decay (not on gains and biases)")
+    # runtime
+    p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--batch-size", type=int, default=256, help="images per batch (features; fine-tuning: per step)")
+    p.add_argument("--workers", type=int, default=0, help="data loading processes (0: load in this process)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the probes' held-out split and of fine-tuning")
+    return p.parse_args(argv)
+
+
+def pair(value, flag):
+    dirs = value.split(",")
+    if len(dirs) != 2 or not all(dirs):
+        raise ValueError(f"{flag} {value}: give two folders, TRAIN_DIR,TEST_DIR (e.g. {flag} data/train,data/test)")
+    return dirs
+
+
+def prepare(args, cfg):
+    """Every input the flags name, opened and checked before any work: (eval sets for evaluate(), linear-probe
+    folders, fine-tuning folders, attribute probe sets), each None or empty when not asked for."""
+    asked = args.zeroshot or args.retrieval or args.linear_probe or args.finetune or args.synthetic_probes
+    if not asked and cfg.tokenizer != "byte":
+        raise ValueError(f"--model {args.model} has the {cfg.tokenizer} tokenizer, so no synthetic task: give "
+                         "--zeroshot DIR, --retrieval SOURCE, --linear-probe TRAIN_DIR,TEST_DIR or --finetune ...")
+    for name in ("batch_size", "captions_per_image", "finetune_epochs"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    needs_text = not (args.linear_probe or args.finetune) or args.zeroshot or args.retrieval or args.synthetic_probes
+    shape = dict(tokenizer=data.get_tokenizer(cfg.tokenizer, args.bpe or None) if needs_text else None,
+                 context_length=cfg.context_length, image_size=cfg.image_size, batch_size=args.batch_size,
+                 workers=args.workers, templates=args.templates or None)
+    synthetic = build_eval_sets("synthetic", **shape) if not asked or args.synthetic_probes or \
+        args.zeroshot == "synthetic" else {}
+    sets = {k: synthetic[k] for k in ("zeroshot", "retrieval")} if not asked else {}
+    if args.zeroshot == "synthetic":
+        sets["zeroshot"] = synthetic["zeroshot"]
+    elif args.zeroshot:
+        data.image_folder(args.zeroshot, flag="--zeroshot")  # its errors name this flag
+        sets["zeroshot"] = build_eval_sets(None, zeroshot_data=args.zeroshot, **shape)["zeroshot"]
+    if args.retrieval:
+        sets["retrieval"] = build_eval_sets(None, val_data=args.retrieval, data_root=args.data_root or None,
+                                            csv_img_key=args.csv_img_key, csv_caption_key=args.csv_caption_key,
+                                            captions_per_image=args.captions_per_image, **shape)["retrieval"]
+    if args.synthetic_probes and "probes" not in synthetic:
+        raise ValueError("--synthetic-probes: this version of the synthetic set has no attribute probe sets "
+                         "(build_eval_sets('synthetic')['probes']); update data.py, or leave the flag out")
+    probe = folder_pair(*pair(args.linear_probe, "--linear-probe"), "--linear-probe", cfg.image_size) \
+        if args.linear_probe else None
+    tune = pair(args.finetune, "--finetune") if args.finetune else None
+    if tune:
+        folder_pair(*tune, "--finetune")  # checked now, read again by finetune()
+    return sets, probe, tune, synthetic.get("probes") if args.synthetic_probes else None
+
+
+def run(args, model, device, sets, probe, tune, probe_sets):
+    """The metrics of every task asked for, by name."""
+    metrics = evaluate(model, sets, device) if sets else {}
+    if probe:
+        train_files, test_files, _ = probe
+        transform = data.eval_transform(model.cfg.image_size)  # as CLIP_benchmark: the model's test preprocessing
+        (train_x, train_y), (test_x, test_y) = (
+            image_features(model, data.EvalBatches(data.EvalItems(files, transform), args.batch_size, args.workers),
+                           device, desc=f"{split} features") for split, files in (("train", train_files),
+                                                                                 ("test", test_files)))
+        result = linear_probe(train_x, train_y, test_x, test_y, seed=args.seed, device=device)
+        metrics.update({f"linear_probe_{k}": v for k, v in result.items()})
+    if tune:
+        result = finetune(model, *tune, device, epochs=args.finetune_epochs, lr=args.finetune_lr,
+                          weight_decay=args.finetune_wd, batch_size=args.batch_size, workers=args.workers,
+                          seed=args.seed)
+        metrics.update({f"finetune_{k}": v for k, v in result.items()})
+    if probe_sets:
+        metrics.update(attribute_probes(model, probe_sets, device, batch_size=args.batch_size, seed=args.seed))
+    return metrics
+
+
+def markdown(metrics):
+    rows = [f"| {k} | {v:g} |" if "weight_decay" in k else f"| {k} | {100 * v:.2f}% |" for k, v in metrics.items()]
+    return "\n".join(["| metric | value |", "| --- | ---: |"] + rows)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        device = runtime.pick_device(args.device)
+        model = interop.load_model(args.model, device).eval()
+        tasks = prepare(args, model.cfg)
+        metrics = run(args, model, device, *tasks)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(markdown(metrics))
+    if os.path.dirname(args.out):
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    runtime.save_json({"model": args.model, "config": model.cfg.to_dict(), "metrics": metrics, "args": vars(args),
+                       "git": runtime.git_hash(), "device": str(device)}, args.out)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

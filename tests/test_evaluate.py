@@ -1,5 +1,7 @@
 """Tests of evaluate.py: zero-shot and retrieval metrics against brute force, the linear probe (separable features,
-random labels, the held-out split), attribute probes, fine-tuning."""
+random labels, the held-out split), attribute probes, fine-tuning, and the command line (train.py's numbers on its
+open_clip export, every metric in the JSON, one-line errors)."""
+import json
 import os
 
 import numpy as np
@@ -9,6 +11,7 @@ import torch.nn as nn
 from PIL import Image
 
 import evaluate
+import train
 import vit
 
 TINY = dict(image_size=32, patch_size=16, context_length=16, vocab_size=259, tokenizer="byte")
@@ -201,3 +204,77 @@ def test_finetune_improves_over_the_initial_head_and_leaves_the_model_alone(tmp_
     assert tuned["top1"] >= 0.9 and tuned["mean_per_class_recall"] >= 0.9
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert evaluate.finetune(model, train_dir, test_dir, "cpu", epochs=4, **settings) == tuned  # seeded
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def test_cli_on_an_open_clip_export_gives_train_pys_numbers(tmp_path, capsys):
+    model = tiny_model()
+    settings = train.Settings(steps=2, batch_size=8, warmup=1, num_samples=16, device="cpu", eval_every=0)
+    result = train.train(model, settings, str(tmp_path / "run"))
+    capsys.readouterr()  # train's output
+    export, out = str(tmp_path / "run" / "open_clip"), tmp_path / "eval" / "metrics.json"
+    metrics = evaluate.main(["--model", export, "--out", str(out), "--device", "cpu"])  # byte tokenizer: synthetic
+    keys = ["zeroshot_top1", "zeroshot_top5", "zeroshot_mean_per_class_recall"] + \
+        [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
+    assert sorted(metrics) == sorted(keys) and {k: metrics[k] for k in keys} == {k: result[k] for k in keys}
+    saved = json.loads(out.read_text())
+    assert saved["metrics"] == metrics and saved["model"] == export and saved["config"] == model.cfg.to_dict()
+    table = capsys.readouterr().out.splitlines()
+    assert table[:2] == ["| metric | value |", "| --- | ---: |"] and len(table) == 2 + len(keys)
+    assert f"| zeroshot_top1 | {100 * result['zeroshot_top1']:.2f}% |" in table
+
+
+def test_cli_writes_every_metric_of_probes_and_fine_tuning(tmp_path, monkeypatch):
+    train_dir, test_dir = image_folder(tmp_path / "train", 6, seed=0), image_folder(tmp_path / "test", 3, seed=1)
+    run = tmp_path / "run"
+    run.mkdir()
+    model = tiny_model()
+    torch.save({"model": model.state_dict(), "config": model.cfg.to_dict()}, run / "checkpoint.pt")
+    probes = {"train": probe_split(100, 0, 32), "test": probe_split(50, 1, 32)}  # the synthetic set's, once it has them
+    monkeypatch.setattr(evaluate, "build_eval_sets", lambda source, **kw: {"probes": probes})
+    out = tmp_path / "eval.json"
+    metrics = evaluate.main(["--model", str(run), "--linear-probe", f"{train_dir},{test_dir}", "--finetune",
+                             f"{train_dir},{test_dir}", "--finetune-epochs", "1", "--synthetic-probes", "--out",
+                             str(out), "--device", "cpu", "--batch-size", "8"])
+    assert set(metrics) == {"linear_probe_top1", "linear_probe_mean_per_class_recall", "linear_probe_weight_decay",
+                            "finetune_top1", "finetune_mean_per_class_recall", "probe_colour", "probe_position",
+                            "probe_noise", "probe_relation"}
+    assert metrics["linear_probe_top1"] == 1.0  # one-colour pictures: even a random tower's features tell them apart
+    assert json.loads(out.read_text())["metrics"] == metrics
+
+
+@pytest.mark.parametrize("case,culprit", [
+    ("no model", "/nonexistent/model.pt"),
+    ("classes differ", "have different class folders"),
+    ("classes differ, fine-tuning", "--finetune"),
+    ("empty folder", "no class folders"),
+    ("folder without images", "no images"),
+    ("one folder", "TRAIN_DIR,TEST_DIR"),
+    ("no probe sets", "--synthetic-probes"),
+    ("bpe model, no task", "--zeroshot DIR"),
+])
+def test_bad_input_is_one_line_exit_2_and_nothing_written(case, culprit, tmp_path, monkeypatch, capsys):
+    train_dir, other = image_folder(tmp_path / "train", 1, 0), image_folder(tmp_path / "other", 1, 0, ("red", "cat"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bare" / "red").mkdir(parents=True)
+    bpe = case.startswith("bpe")
+    model = tiny_model(vocab_size=49408, tokenizer="clip-bpe") if bpe else tiny_model()
+    torch.save({"model": model.state_dict(), "config": model.cfg.to_dict()}, tmp_path / "model.pt")
+    monkeypatch.setattr(evaluate, "build_eval_sets", lambda source, **kw: {})  # a synthetic set without probes
+    argv = {"no model": ["--model", "/nonexistent/model.pt"],
+            "classes differ": ["--linear-probe", f"{train_dir},{other}"],
+            "classes differ, fine-tuning": ["--finetune", f"{train_dir},{other}"],
+            "empty folder": ["--zeroshot", str(tmp_path / "empty")],
+            "folder without images": ["--linear-probe", f"{train_dir},{tmp_path / 'bare'}"],
+            "one folder": ["--finetune", train_dir],
+            "no probe sets": ["--synthetic-probes"],
+            "bpe model, no task": []}[case]
+    out = tmp_path / "eval.json"
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--model", str(tmp_path / "model.pt")] + argv + ["--out", str(out), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and culprit in err and err.count("\n") == 1, err
+    assert not out.exists()
