@@ -15,11 +15,9 @@ further around the best), features kept in memory rather than cached on disk. Fi
 the image tower and a zero-initialised linear head on its embedding, AdamW with warmup and cosine decay.
 """
 
-import argparse
 import copy
 import math
 import os
-import sys
 
 import torch
 import torch.nn as nn
@@ -348,7 +346,7 @@ def finetune(model, train_folder, test_folder, device, *, epochs=5, lr=1e-4, wei
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a CLIP model: zero-shot, retrieval, linear probe, fine-tuning "
+    p = runtime.ArgumentParser(description="Evaluate a CLIP model: zero-shot, retrieval, linear probe, fine-tuning "
                                 "and synthetic attribute probes. Prints a markdown table, writes JSON.")
     p.add_argument("--model", required=True, help="checkpoint.pt, a run or chain-stage folder, an open_clip local-dir "
                    "or checkpoint file, or an official CoM-PT checkpoint")
@@ -456,17 +454,18 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         device = runtime.pick_device(args.device)
+        if os.path.isdir(args.out):
+            raise ValueError(f"--out {args.out} is a folder; give a file, e.g. {os.path.join(args.out, 'evaluate.json')}")
+        runtime.check_out_dir(os.path.dirname(os.path.abspath(args.out)), "--out")
         model = interop.load_model(args.model, device).eval()
         tasks = prepare(args, model.cfg)
         metrics = run(args, model, device, *tasks)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(markdown(metrics))
-    if os.path.dirname(args.out):
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    runtime.save_json({"model": args.model, "config": model.cfg.to_dict(), "metrics": metrics, "args": vars(args),
-                       "git": runtime.git_hash(), "device": str(device)}, args.out)
+        print(markdown(metrics))
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        runtime.save_json({"model": args.model, "config": model.cfg.to_dict(), "metrics": metrics, "args": vars(args),
+                           "git": runtime.git_hash(), "device": str(device)}, args.out)
+    except runtime.USER_ERRORS as e:  # one line, no traceback (exit status 2 for bad input)
+        runtime.exit_with(e)
     return metrics
 
 

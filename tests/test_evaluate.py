@@ -255,6 +255,8 @@ def test_cli_writes_every_metric_of_probes_and_fine_tuning(tmp_path, monkeypatch
     ("one folder", "TRAIN_DIR,TEST_DIR"),
     ("no probe sets", "--synthetic-probes"),
     ("bpe model, no task", "--zeroshot DIR"),
+    ("not a number", "--batch-size"),
+    ("out is a folder", "is a folder"),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(case, culprit, tmp_path, monkeypatch, capsys):
     train_dir, other = image_folder(tmp_path / "train", 1, 0), image_folder(tmp_path / "other", 1, 0, ("red", "cat"))
@@ -271,10 +273,12 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(case, culprit, tmp_pat
             "folder without images": ["--linear-probe", f"{train_dir},{tmp_path / 'bare'}"],
             "one folder": ["--finetune", train_dir],
             "no probe sets": ["--synthetic-probes"],
-            "bpe model, no task": []}[case]
+            "bpe model, no task": [],
+            "not a number": ["--batch-size", "many"],
+            "out is a folder": ["--zeroshot", "synthetic", "--out", str(tmp_path)]}[case]
     out = tmp_path / "eval.json"
     with pytest.raises(SystemExit) as e:
-        evaluate.main(["--model", str(tmp_path / "model.pt")] + argv + ["--out", str(out), "--device", "cpu"])
+        evaluate.main(["--model", str(tmp_path / "model.pt"), "--out", str(out), "--device", "cpu"] + argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: ") and culprit in err and err.count("\n") == 1, err
-    assert not out.exists()
+    assert not out.exists() and not (tmp_path / "evaluate.json").exists()
