@@ -1,22 +1,37 @@
 """
-Evaluation of CLIP models: zero-shot classification and image-text retrieval, as CLIP_benchmark defines them.
+Evaluation of CLIP models: zero-shot classification, image-text retrieval, linear probes and fine-tuning of the image
+tower, and linear probes of the synthetic set's attributes (the paper judges its models on 45 datasets, zero-shot and
+fine-tuning). train.py evaluates with it during training; `python evaluate.py --model M ...` evaluates any model
+interop.py loads (our runs and chain stages, open_clip, the official CoM-PT zoo), prints a markdown table, writes JSON.
 
-Zero-shot (Radford et al. 2021): a class embedding is the mean of its normalised prompt-template embeddings,
-renormalised; an image is classified by cosine similarity; metrics top-1 and top-5 accuracy. Retrieval: R@k both
-ways, a query being a hit when any of its positives is among the top k (with several captions per image). Used by
-train.py during training and by chain.py's report.
+Metrics follow CLIP_benchmark. Zero-shot (Radford et al. 2021): a class embedding is the mean of its normalised
+prompt-template embeddings, renormalised; an image goes to the nearest class by cosine similarity; top-1, top-5 and
+mean per-class recall (balanced accuracy). Retrieval: R@1/5/10 both ways, a query being a hit when any of its
+positives is among the top k. Linear probe: logistic regression on the frozen, L2-normalised image features, its
+weight decay chosen on a held-out 20% of the training split, then refit on the whole split; top-1 and mean per-class
+recall. Deviations from CLIP_benchmark's probe: full-batch L-BFGS on standardised features (the CLIP paper's solver;
+CLIP_benchmark uses AdamW for 10 epochs), one weight decay per decade from 1e-6 to 1e2 (CLIP_benchmark bisects
+further around the best), features kept in memory rather than cached on disk. Fine-tuning (not in CLIP_benchmark):
+the image tower and a zero-initialised linear head on its embedding, AdamW with warmup and cosine decay.
 """
 
+import copy
+import math
 import os
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import Subset
+from tqdm import tqdm
 
 import data
+import interop
 import runtime
 
 SIMPLE_TEMPLATES = ("itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
                     "a {} in a video game.", "art of the {}.", "a photo of the small {}.")  # open_clip's short set
+WEIGHT_DECAYS = tuple(10.0 ** e for e in range(-6, 3))  # the linear probe's grid: 1e-6 ... 1e2
 
 
 def load_templates(templates, default):
@@ -31,8 +46,6 @@ def load_templates(templates, default):
     if bad or not templates:
         raise ValueError(f"templates: {bad[0]!r} has no '{{}}' for the class name" if bad else "templates: none")
     return templates
-
-
 
 
 def build_eval_sets(source="synthetic", *, tokenizer, image_size, context_length, zeroshot_data=None,
@@ -81,6 +94,8 @@ def build_eval_sets(source="synthetic", *, tokenizer, image_size, context_length
     return sets
 
 
+# -----------------------------------------------------------------------------
+# metrics
 
 
 def zeroshot_accuracy(image_features, labels, class_features, ks=(1, 5)):
@@ -88,6 +103,20 @@ def zeroshot_accuracy(image_features, labels, class_features, ks=(1, 5)):
     top = (image_features @ class_features.T).topk(min(max(ks), len(class_features)), dim=-1).indices  # (N, k)
     hits = top == labels[:, None]
     return {k: hits[:, :k].any(dim=-1).float().mean().item() for k in ks}
+
+
+def mean_per_class_recall(logits, labels):
+    """The mean over the classes present in `labels` of the fraction of their samples whose top logit is right
+    (CLIP_benchmark's mean per-class recall, sklearn's balanced accuracy)."""
+    hits = (logits.argmax(dim=-1) == labels).float()  # (N,)
+    counts = torch.bincount(labels, minlength=logits.shape[1]).float()  # (K,)
+    right = torch.zeros_like(counts).index_add_(0, labels, hits)
+    return (right[counts > 0] / counts[counts > 0]).mean().item()
+
+
+def classification_metrics(logits, labels):
+    return {"top1": (logits.argmax(dim=-1) == labels).float().mean().item(),
+            "mean_per_class_recall": mean_per_class_recall(logits, labels)}
 
 
 def retrieval_recall(image_features, text_features, text_image, ks=(1, 5, 10)):
@@ -104,10 +133,21 @@ def retrieval_recall(image_features, text_features, text_image, ks=(1, 5, 10)):
     return out
 
 
+# -----------------------------------------------------------------------------
+# zero-shot classification and retrieval
+
+
+def progress(batches, desc):
+    """A progress bar over `batches` that shows on a terminal once they take more than 3 seconds."""
+    total = len(batches) if hasattr(batches, "__len__") else \
+        math.ceil(len(batches.dataset) / batches.batch_size) if isinstance(batches, data.EvalBatches) else None
+    return tqdm(batches, desc=desc, total=total, delay=3, leave=False, disable=None, unit="batch")
+
+
 @torch.no_grad()
 def embed(encode, inputs, device, precision="", batch_size=256):
     """Normalised fp32 features of `inputs` (images or tokens), encoded in chunks."""
-    out = []
+    device, out = torch.device(device), []
     for chunk in inputs.split(batch_size):
         with runtime.autocast(device, precision):
             out.append(F.normalize(encode(chunk.to(device)).float(), dim=-1))
@@ -115,9 +155,9 @@ def embed(encode, inputs, device, precision="", batch_size=256):
 
 
 def evaluate(model, eval_sets, device, precision=""):
-    """Zero-shot top-1/top-5 and retrieval R@1/5/10 (fractions in [0, 1]) of `model` on data.build_eval_sets'
-    sets: "zeroshot" (batches of images and labels, prompt tokens (classes, templates, C)) and "retrieval" (batches
-    of images and their k captions' tokens (b, k, C)). Each set's batches are read once."""
+    """Zero-shot top-1/top-5/mean per-class recall and retrieval R@1/5/10 (fractions in [0, 1]) of `model` on
+    build_eval_sets' sets: "zeroshot" (batches of images and labels, prompt tokens (classes, templates, C)) and
+    "retrieval" (batches of images and their k captions' tokens (b, k, C)). Each set's batches are read once."""
     was_training = model.training
     model.eval()
     out = {}
@@ -127,13 +167,16 @@ def evaluate(model, eval_sets, device, precision=""):
         prompts = embed(model.encode_text, zs["tokens"].view(-1, C), device, precision)  # (n_classes * n_templates, E)
         # a class is the mean of its normalised template embeddings, renormalised
         class_features = F.normalize(prompts.view(n_classes, n_templates, -1).mean(dim=1), dim=-1)  # (K, E)
-        images, labels = zip(*[(embed(model.encode_image, x, device, precision), y) for x, y in zs["batches"]])
-        top = zeroshot_accuracy(torch.cat(images), torch.cat(labels).to(device), class_features)
-        out.update(zeroshot_top1=top[1], zeroshot_top5=top[5])
+        images, labels = zip(*[(embed(model.encode_image, x, device, precision), y)
+                               for x, y in progress(zs["batches"], "zero-shot")])
+        images, labels = torch.cat(images), torch.cat(labels).to(device)
+        top = zeroshot_accuracy(images, labels, class_features)
+        out.update(zeroshot_top1=top[1], zeroshot_top5=top[5],
+                   zeroshot_mean_per_class_recall=mean_per_class_recall(images @ class_features.T, labels))
     if "retrieval" in eval_sets:
         images, texts = zip(*[(embed(model.encode_image, x, device, precision),
                                embed(model.encode_text, t.flatten(0, 1), device, precision).view(*t.shape[:2], -1))
-                              for x, t in eval_sets["retrieval"]["batches"]])
+                              for x, t in progress(eval_sets["retrieval"]["batches"], "retrieval")])
         images, texts = torch.cat(images), torch.cat(texts)  # (N, E), (N, k, E): k captions per image
         text_image = torch.arange(len(images), device=device).repeat_interleave(texts.shape[1])
         out.update(retrieval_recall(images, texts.flatten(0, 1), text_image))
@@ -141,3 +184,290 @@ def evaluate(model, eval_sets, device, precision=""):
     return out
 
 
+# -----------------------------------------------------------------------------
+# linear probes on frozen image features
+
+
+@torch.no_grad()
+def image_features(model, batches, device, precision="", desc="image features"):
+    """Normalised image features (N, E) of the frozen model and the targets (N, ...) of `batches`, an iterable of
+    (images, targets): computed once, kept in memory on the CPU, so that every probe fit reuses them."""
+    was_training = model.training
+    model.eval()
+    features, targets = zip(*[(embed(model.encode_image, x, device, precision, len(x)).cpu(), y)
+                              for x, y in progress(batches, desc)])
+    model.train(was_training)
+    return torch.cat(features), torch.cat(targets)
+
+
+def fit_logistic(features, labels, n_classes, weight_decay, start=None, max_iter=100):
+    """Multinomial logistic regression by full-batch L-BFGS: mean cross-entropy + weight_decay / 2 * |W|^2 (the bias
+    is not decayed), on features standardised with their own mean and std. Returns (W (D, K), b (K,)) for the raw
+    features, deterministic (from zeros, or from `start`, an earlier solution on the same features)."""
+    mean, std = features.mean(dim=0), features.std(dim=0) + 1e-6
+    x = (features - mean) / std  # (N, D)
+    W, b = (torch.zeros(x.shape[1], n_classes, device=x.device), torch.zeros(n_classes, device=x.device)) \
+        if start is None else (start[0] * std[:, None], start[1] + mean @ start[0])
+    W, b = W.clone().requires_grad_(), b.clone().requires_grad_()
+    optimizer = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=1e-5,
+                                  line_search_fn="strong_wolfe")
+
+    def loss():  # L-BFGS evaluates it several times per step
+        optimizer.zero_grad()
+        value = F.cross_entropy(x @ W + b, labels) + weight_decay / 2 * W.pow(2).sum()
+        value.backward()
+        return value
+    optimizer.step(loss)
+    W, b = W.detach() / std[:, None], b.detach()
+    return W, b - mean @ W  # ((x - mean) / std) @ W + b == x @ (W / std) + (b - mean @ (W / std))
+
+
+def held_out_split(labels, fraction, seed):
+    """(kept, held-out) indices: a seeded draw of `fraction` of each class (rounded down) held out."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    order = order[labels[order].argsort(stable=True)]  # grouped by class, shuffled within each
+    grouped = labels[order]
+    place = torch.arange(len(order)) - torch.searchsorted(grouped, grouped)  # 0, 1, ... within each class
+    held = place < (fraction * torch.bincount(labels)[grouped]).floor()
+    return order[~held], order[held]
+
+
+def linear_probe(train_features, train_labels, test_features, test_labels, *, weight_decays=WEIGHT_DECAYS,
+                 val_fraction=0.2, seed=0, device="cpu"):
+    """Logistic regression on frozen features (N, D) with labels (N,): the weight decay that classifies a held-out
+    `val_fraction` of the training split best (the smallest among ties) is refit on the whole split. Returns the
+    test split's top1 and mean_per_class_recall, and the weight_decay chosen."""
+    x, y = train_features.float().to(device), train_labels.to(device)
+    n_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    kept, held = (i.to(device) for i in held_out_split(train_labels.cpu(), val_fraction, seed))
+    if len(held) == 0:
+        raise ValueError(f"linear probe: {len(train_labels)} training samples leave no held-out part to choose the "
+                         f"weight decay on; give at least {math.ceil(1 / val_fraction)} images per class")
+    threads = torch.get_num_threads()
+    if x.device.type == "cpu":  # small steps: on a busy CPU, two threads made 2000 x 512 features 4-20x slower
+        torch.set_num_threads(1)
+    try:
+        best, start = (-1.0, None), None
+        for weight_decay in sorted(weight_decays, reverse=True):  # strongest first: each fit starts from the last
+            start = fit_logistic(x[kept], y[kept], n_classes, weight_decay, start)
+            accuracy = ((x[held] @ start[0] + start[1]).argmax(dim=-1) == y[held]).float().mean().item()
+            best = max(best, (accuracy, -weight_decay))  # ties: the smaller weight decay
+        weight_decay = -best[1]
+        W, b = fit_logistic(x, y, n_classes, weight_decay)
+    finally:
+        torch.set_num_threads(threads)
+    logits = test_features.float().to(device) @ W + b  # (M, K)
+    return {**classification_metrics(logits, test_labels.to(device)), "weight_decay": weight_decay}
+
+
+def attribute_probes(model, probe_sets, device, precision="", batch_size=256, **probe_args):
+    """Linear-probe top-1 of the frozen image tower for each attribute of the probe sets, as probe_<attribute>:
+    {"train": (images [N,3,H,W], {attribute: labels long [N]}), "test": (images [M,3,H,W], {attribute: labels [M]})}.
+    A label < 0 (an attribute a picture does not have) leaves that picture out of that attribute's probe."""
+    names, features = list(probe_sets["train"][1]), []
+    for split in ("train", "test"):
+        images, labels = probe_sets[split]
+        if set(labels) != set(names):
+            raise ValueError(f"probe sets: the {split} split's attributes {sorted(labels)} are not {sorted(names)}")
+        targets = torch.stack([labels[name] for name in names], dim=1)  # (N, attributes)
+        batches = zip(images.split(batch_size), targets.split(batch_size))
+        features.append(image_features(model, batches, device, precision, f"{split} probe features"))
+    (train_x, train_y), (test_x, test_y) = features  # computed once for all the attributes
+    out = {}
+    for j, name in enumerate(names):
+        fit, test = train_y[:, j] >= 0, test_y[:, j] >= 0
+        result = linear_probe(train_x[fit], train_y[fit, j], test_x[test], test_y[test, j], device=device, **probe_args)
+        out[f"probe_{name}"] = result["top1"]
+    return out
+
+
+# -----------------------------------------------------------------------------
+# fine-tuning: the image tower and a linear head, end to end
+
+
+class Classifier(nn.Module):
+    def __init__(self, visual, embed_dim, n_classes):
+        super().__init__()
+        self.visual = visual
+        self.head = nn.Linear(embed_dim, n_classes)
+        nn.init.zeros_(self.head.weight)  # every class equally likely at the start
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, images):
+        return self.head(self.visual(images))  # (B, classes), on the image embedding (before normalisation)
+
+
+def folder_pair(train_dir, test_dir, flag, draft=None):
+    """The training and test ImageFolders (data.Files with labels) and the class names, which must be the same."""
+    (train_files, names), (test_files, test_names) = (data.image_folder(d, draft, flag) for d in (train_dir, test_dir))
+    if names != test_names:
+        raise ValueError(f"{flag}: {train_dir} and {test_dir} have different class folders (in one only: "
+                         f"{sorted(set(names) ^ set(test_names))[:3]}); give both splits the same class folders")
+    return train_files, test_files, names
+
+
+def finetune(model, train_folder, test_folder, device, *, epochs=5, lr=1e-4, weight_decay=0.1, batch_size=64,
+             workers=0, seed=0, precision=""):
+    """Fine-tune a copy of `model`'s image tower with a zero-initialised linear head on an ImageFolder's training
+    split (data.train_transform at the model's image size; AdamW, open_clip's parameter groups, 10% warmup, then
+    cosine decay), and return the test split's (data.eval_transform) top1 and mean_per_class_recall. The caller's
+    model is not changed; epochs=0 gives the initial head's figures."""
+    import train  # here rather than at the top: train.py imports this file
+    device = torch.device(device)
+    train_files, test_files, names = folder_pair(train_folder, test_folder, "--finetune", model.cfg.image_size)
+    items = data.EvalItems(train_files, data.train_transform(model.cfg.image_size))
+    total_steps = epochs * math.ceil(len(items) / batch_size)
+    with torch.random.fork_rng(devices=[]):  # seeded head, order and augmentation; the caller's RNG untouched
+        torch.manual_seed(seed)
+        classifier = Classifier(copy.deepcopy(model.visual), model.cfg.embed_dim, len(names)).to(device).train()
+        optimizer = torch.optim.AdamW(train.param_groups(classifier, weight_decay), lr=lr)
+        step = 0
+        for epoch in range(epochs):
+            batches = data.EvalBatches(Subset(items, torch.randperm(len(items)).tolist()), batch_size, workers)
+            for images, labels in progress(batches, f"fine-tuning, epoch {epoch + 1}/{epochs}"):
+                for group in optimizer.param_groups:
+                    group["lr"] = train.lr_at(step, total_steps, total_steps // 10, lr)
+                with runtime.autocast(device, precision):
+                    logits = classifier(images.to(device))
+                loss = F.cross_entropy(logits.float(), labels.to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+    classifier.eval()
+    test = data.EvalBatches(data.EvalItems(test_files, data.eval_transform(model.cfg.image_size)), batch_size, workers)
+    with torch.no_grad(), runtime.autocast(device, precision):
+        logits, labels = zip(*[(classifier(x.to(device)).float().cpu(), y) for x, y in progress(test, "fine-tune test")])
+    return classification_metrics(torch.cat(logits), torch.cat(labels))
+
+
+# -----------------------------------------------------------------------------
+# command line: python evaluate.py --model M [tasks]
+
+
+def parse_args(argv=None):
+    p = runtime.ArgumentParser(description="Evaluate a CLIP model: zero-shot, retrieval, linear probe, fine-tuning "
+                                "and synthetic attribute probes. Prints a markdown table, writes JSON.")
+    p.add_argument("--model", required=True, help="checkpoint.pt, a run or chain-stage folder, an open_clip local-dir "
+                   "or checkpoint file, or an official CoM-PT checkpoint")
+    p.add_argument("--out", default="evaluate.json", help="JSON file of the metrics, the model path and its config")
+    # tasks; none: the synthetic zero-shot and retrieval (models with the byte tokenizer)
+    p.add_argument("--zeroshot", default="", help="an ImageFolder <dir>/<class name>/<image>, or synthetic")
+    p.add_argument("--retrieval", default="", help="synthetic, a .csv/.tsv, .tar shards or a folder (as train.py's --data)")
+    p.add_argument("--linear-probe", default="", metavar="TRAIN_DIR,TEST_DIR", help="two ImageFolders with the same "
+                   "classes: logistic regression on the frozen image features")
+    p.add_argument("--finetune", default="", metavar="TRAIN_DIR,TEST_DIR", help="two ImageFolders with the same "
+                   "classes: the image tower and a linear head trained end to end")
+    p.add_argument("--synthetic-probes", action="store_true", help="linear probes of the synthetic set's attributes")
+    # data
+    p.add_argument("--templates", default="", help="file of zero-shot prompts, one a line with {} for the class name "
+                   "(default: 7 open_clip prompts for an ImageFolder, 3 for synthetic)")
+    p.add_argument("--bpe", default="", help="CLIP BPE vocabulary file, for a model with the clip-bpe tokenizer")
+    p.add_argument("--data-root", default="", help="folder the image paths of a --retrieval csv are relative to")
+    p.add_argument("--csv-img-key", default="filepath", help="csv/tsv column of the image paths")
+    p.add_argument("--csv-caption-key", default="title", help="csv/tsv caption column(s), comma-separated")
+    p.add_argument("--captions-per-image", type=int, default=1, help="captions per image for --retrieval")
+    # fine-tuning
+    p.add_argument("--finetune-epochs", type=int, default=5, help="passes over the training split")
+    p.add_argument("--finetune-lr", type=float, default=1e-4, help="peak AdamW learning rate")
+    p.add_argument("--finetune-wd", type=float, default=0.1, help="AdamW weight decay (not on gains and biases)")
+    # runtime
+    p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--batch-size", type=int, default=256, help="images per batch (features; fine-tuning: per step)")
+    p.add_argument("--workers", type=int, default=0, help="data loading processes (0: load in this process)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the probes' held-out split and of fine-tuning")
+    return p.parse_args(argv)
+
+
+def pair(value, flag):
+    dirs = value.split(",")
+    if len(dirs) != 2 or not all(dirs):
+        raise ValueError(f"{flag} {value}: give two folders, TRAIN_DIR,TEST_DIR (e.g. {flag} data/train,data/test)")
+    return dirs
+
+
+def prepare(args, cfg):
+    """Every input the flags name, opened and checked before any work: (eval sets for evaluate(), linear-probe
+    folders, fine-tuning folders, attribute probe sets), each None or empty when not asked for."""
+    asked = args.zeroshot or args.retrieval or args.linear_probe or args.finetune or args.synthetic_probes
+    if not asked and cfg.tokenizer != "byte":
+        raise ValueError(f"--model {args.model} has the {cfg.tokenizer} tokenizer, so no synthetic task: give "
+                         "--zeroshot DIR, --retrieval SOURCE, --linear-probe TRAIN_DIR,TEST_DIR or --finetune ...")
+    for name in ("batch_size", "captions_per_image", "finetune_epochs"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    needs_text = not (args.linear_probe or args.finetune) or args.zeroshot or args.retrieval or args.synthetic_probes
+    shape = dict(tokenizer=data.get_tokenizer(cfg.tokenizer, args.bpe or None) if needs_text else None,
+                 context_length=cfg.context_length, image_size=cfg.image_size, batch_size=args.batch_size,
+                 workers=args.workers, templates=args.templates or None)
+    synthetic = build_eval_sets("synthetic", **shape) if not asked or args.synthetic_probes or \
+        args.zeroshot == "synthetic" else {}
+    sets = {k: synthetic[k] for k in ("zeroshot", "retrieval")} if not asked else {}
+    if args.zeroshot == "synthetic":
+        sets["zeroshot"] = synthetic["zeroshot"]
+    elif args.zeroshot:
+        data.image_folder(args.zeroshot, flag="--zeroshot")  # its errors name this flag
+        sets["zeroshot"] = build_eval_sets(None, zeroshot_data=args.zeroshot, **shape)["zeroshot"]
+    if args.retrieval:
+        sets["retrieval"] = build_eval_sets(None, val_data=args.retrieval, data_root=args.data_root or None,
+                                            csv_img_key=args.csv_img_key, csv_caption_key=args.csv_caption_key,
+                                            captions_per_image=args.captions_per_image, **shape)["retrieval"]
+    if args.synthetic_probes and "probes" not in synthetic:
+        raise ValueError("--synthetic-probes: this version of the synthetic set has no attribute probe sets "
+                         "(build_eval_sets('synthetic')['probes']); update data.py, or leave the flag out")
+    probe = folder_pair(*pair(args.linear_probe, "--linear-probe"), "--linear-probe", cfg.image_size) \
+        if args.linear_probe else None
+    tune = pair(args.finetune, "--finetune") if args.finetune else None
+    if tune:
+        folder_pair(*tune, "--finetune")  # checked now, read again by finetune()
+    return sets, probe, tune, synthetic.get("probes") if args.synthetic_probes else None
+
+
+def run(args, model, device, sets, probe, tune, probe_sets):
+    """The metrics of every task asked for, by name."""
+    metrics = evaluate(model, sets, device) if sets else {}
+    if probe:
+        train_files, test_files, _ = probe
+        transform = data.eval_transform(model.cfg.image_size)  # as CLIP_benchmark: the model's test preprocessing
+        (train_x, train_y), (test_x, test_y) = (
+            image_features(model, data.EvalBatches(data.EvalItems(files, transform), args.batch_size, args.workers),
+                           device, desc=f"{split} features") for split, files in (("train", train_files),
+                                                                                 ("test", test_files)))
+        result = linear_probe(train_x, train_y, test_x, test_y, seed=args.seed, device=device)
+        metrics.update({f"linear_probe_{k}": v for k, v in result.items()})
+    if tune:
+        result = finetune(model, *tune, device, epochs=args.finetune_epochs, lr=args.finetune_lr,
+                          weight_decay=args.finetune_wd, batch_size=args.batch_size, workers=args.workers,
+                          seed=args.seed)
+        metrics.update({f"finetune_{k}": v for k, v in result.items()})
+    if probe_sets:
+        metrics.update(attribute_probes(model, probe_sets, device, batch_size=args.batch_size, seed=args.seed))
+    return metrics
+
+
+def markdown(metrics):
+    rows = [f"| {k} | {v:g} |" if "weight_decay" in k else f"| {k} | {100 * v:.2f}% |" for k, v in metrics.items()]
+    return "\n".join(["| metric | value |", "| --- | ---: |"] + rows)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        device = runtime.pick_device(args.device)
+        if os.path.isdir(args.out):
+            raise ValueError(f"--out {args.out} is a folder; give a file, e.g. {os.path.join(args.out, 'evaluate.json')}")
+        runtime.check_out_dir(os.path.dirname(os.path.abspath(args.out)), "--out")
+        model = interop.load_model(args.model, device).eval()
+        tasks = prepare(args, model.cfg)
+        metrics = run(args, model, device, *tasks)
+        print(markdown(metrics))
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        runtime.save_json({"model": args.model, "config": model.cfg.to_dict(), "metrics": metrics, "args": vars(args),
+                           "git": runtime.git_hash(), "device": str(device)}, args.out)
+    except runtime.USER_ERRORS as e:  # one line, no traceback (exit status 2 for bad input)
+        runtime.exit_with(e)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -9,6 +9,7 @@ import, `load_state_dict_any(path) -> (state_dict, cfg)`, reads with torch.load(
   - a training dict with "state_dict" (open_clip and the official CoM-PT code: epoch, name, state_dict,
     optimizer[, scaler]) or "model" (this repo's checkpoint.pt, whose "config" is then used and checked);
   - an open_clip local-dir folder (open_clip_config.json + open_clip_pytorch_model.bin), e.g. our own export;
+  - a run folder of train.py or a stage folder of chain.py (its checkpoint.pt);
   leading `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes are dropped, in any combination.
   Without a stored config, the config is inferred from the tensor shapes: tower widths and depths, patch size,
   image size (from the number of positions), context length, vocabulary, embed dim. The towers must be one of
@@ -47,6 +48,7 @@ from vit import MEAN, STD
 
 WEIGHTS_FILE = "open_clip_pytorch_model.bin"  # first in open_clip's preferred order for .bin files
 CONFIG_FILE = "open_clip_config.json"
+RUN_CHECKPOINT = "checkpoint.pt"  # what train.py writes in a run folder (and chain.py in each stage's)
 TOKENIZER_BY_VOCAB = {size: name for name, size in VOCAB_SIZES.items()}  # tokenizer.py's, by vocabulary size
 WRAPPER_PREFIX = re.compile(r"^(?:module\.|_orig_mod\.)+")  # DDP and torch.compile wrappers, nested either way
 
@@ -155,17 +157,24 @@ def _torch_load(path):
 
 
 def load_state_dict_any(path):
-    """(state_dict, cfg) from an open_clip / official CoM-PT checkpoint, this repo's checkpoint.pt, or an open_clip
-    local-dir folder (see the file docstring). Keys are vit.CLIP's; tensors are on the CPU, as stored."""
+    """(state_dict, cfg) from an open_clip / official CoM-PT checkpoint, this repo's checkpoint.pt or a run or
+    chain-stage folder holding it, or an open_clip local-dir folder (see the file docstring). Keys are vit.CLIP's;
+    tensors are on the CPU, as stored."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path} not found; give a .pt/.bin file or an open_clip local-dir folder")
+        raise FileNotFoundError(f"checkpoint {path} not found; give a .pt/.bin file, a run or chain-stage folder or an "
+                                "open_clip local-dir folder")
+    if os.path.isfile(os.path.join(path, RUN_CHECKPOINT)):  # a run or chain-stage folder
+        path = os.path.join(path, RUN_CHECKPOINT)
     stored_cfg = None
     if os.path.isdir(path):
         config_path, weights_path = os.path.join(path, CONFIG_FILE), os.path.join(path, WEIGHTS_FILE)
         if not (os.path.isfile(config_path) and os.path.isfile(weights_path)):
-            raise FileNotFoundError(f"{path} is a folder but not an open_clip local-dir of ours: it needs "
-                                    f"{CONFIG_FILE} and {WEIGHTS_FILE}")
+            stages = sorted(e.name for e in os.scandir(path) if os.path.isfile(os.path.join(e, RUN_CHECKPOINT)))
+            raise FileNotFoundError(f"{path} is a folder of no model: a run or chain-stage folder holds "
+                                    f"{RUN_CHECKPOINT}, an open_clip local-dir needs {CONFIG_FILE} and {WEIGHTS_FILE}"
+                                    + (f"; give one of its model folders ({', '.join(stages[:4])}"
+                                       f"{', ...' if len(stages) > 4 else ''})" if stages else ""))
         with open(config_path) as f:
             stored_cfg = json.load(f).get("clip_config")
         obj = _torch_load(weights_path)

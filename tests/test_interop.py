@@ -128,6 +128,22 @@ def test_our_checkpoint_uses_its_stored_config(tmp_path):
         interop.load_state_dict_any(path)
 
 
+def test_a_run_or_chain_stage_folder_loads_its_checkpoint(tmp_path):
+    cfg = tiny_cfg(vocab_size=300, tokenizer="byte")
+    model = trained_like(cfg)
+    stage = tmp_path / "chain" / "1-cpu-tiny"
+    stage.mkdir(parents=True)
+    torch.save({"model": model.state_dict(), "config": cfg.to_dict(), "step": 7}, stage / "checkpoint.pt")
+    interop.export_open_clip(trained_like(cfg, seed=1), cfg, str(stage / "open_clip"))  # another model beside it
+    state, loaded = interop.load_state_dict_any(stage)
+    assert loaded == cfg
+    assert_same_embeddings(interop.load_model(stage), model, cfg)  # the folder's checkpoint.pt
+    (tmp_path / "chain" / "2-cpu-small").mkdir()  # a stage not started yet
+    with pytest.raises(FileNotFoundError, match=r"chain is a folder of no model.*give one of its model folders "
+                                                 r"\(1-cpu-tiny\)$"):
+        interop.load_state_dict_any(tmp_path / "chain")
+
+
 def test_unreadable_checkpoints_raise_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         interop.load_state_dict_any(tmp_path / "nope.pt")
