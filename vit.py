@@ -106,8 +106,8 @@ def config(size, **overrides):
 
 
 def attention(q, k, v, causal, use_sdpa=True):
-    """Multi-head attention on (B, nh, T, hs) tensors. The manual path is the readable reference; SDPA is the fast
-    path (flash / memory-efficient kernels where available). A test checks that they agree."""
+    """Multi-head attention on (B, nh, T, hs) tensors: SDPA's fused kernels, or two matmuls and a softmax (the readable
+    reference, and the faster path on a CPU). A test checks that they agree."""
     if use_sdpa:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T, T)
@@ -115,12 +115,15 @@ def attention(q, k, v, causal, use_sdpa=True):
         T = q.size(-2)
         future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
         att = att.masked_fill(future, float("-inf"))
-    return att.softmax(dim=-1) @ v  # (B, nh, T, hs)
+    fp32_or_more = torch.promote_types(att.dtype, torch.float32)  # the softmax in fp32 at least, as fused kernels do
+    return att.softmax(dim=-1, dtype=fp32_or_more).to(v.dtype) @ v  # (B, nh, T, hs)
 
 
 class Attention(nn.Module):
     # parameter names and layout are nn.MultiheadAttention's (as in open_clip): rows of in_proj are [q; k; v]
-    use_sdpa = True  # class-wide switch to the manual reference path (same result, slower)
+    # SDPA on GPUs; on a CPU its fused kernel is slower than the two matmuls for this family's short sequences (17-197
+    # tokens: 1.4-1.5x per bf16 training step, README "Speed"). A class-wide switch: True or False forces a path.
+    use_sdpa = None
 
     def __init__(self, width, heads, causal):
         super().__init__()
@@ -133,7 +136,8 @@ class Attention(nn.Module):
         B, T, C = x.shape
         q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).split(C, dim=-1)  # 3 x (B, T, C)
         q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        y = attention(q, k, v, self.causal, self.use_sdpa)
+        fused = self.use_sdpa if self.use_sdpa is not None else x.device.type != "cpu"
+        y = attention(q, k, v, self.causal, fused)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C), heads side by side
         return self.out_proj(y)
 

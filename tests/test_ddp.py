@@ -126,7 +126,8 @@ def test_two_ranks_at_batch_b_are_one_process_at_batch_2b(ranks):
             assert losses[k] == pytest.approx(ref_losses[k], rel=1e-5), k
         assert grads.keys() == ref_grads.keys()
         for n, g in grads.items():  # the projector's too
-            assert torch.allclose(g, ref_grads[n], rtol=1e-4, atol=1e-6), n
+            scale = ref_grads[n].abs().max()  # fp32 sums in another order: rounding at 1e-6 of the largest entry
+            assert torch.allclose(g, ref_grads[n], rtol=1e-4, atol=1e-5 * scale), n
 
 
 def test_two_rank_run_writes_once_and_trains_like_one_process_at_twice_the_batch(ranks, tmp_path):

@@ -83,9 +83,13 @@ def test_model_paths_agree_and_text_is_causal(monkeypatch):
     model = vit.CLIP(cfg).double().eval()
     images, tokens = batch(cfg)
     images = images.double()
+    monkeypatch.setattr(vit.Attention, "use_sdpa", True)
     fast = model(images, tokens)
     monkeypatch.setattr(vit.Attention, "use_sdpa", False)
     slow = model(images, tokens)
+    monkeypatch.setattr(vit.Attention, "use_sdpa", None)  # the default: SDPA on GPUs, the matmuls on a CPU
+    for a, b in zip(model(images, tokens), slow):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a, b)
     # causal: tokens after the end-of-text token cannot change the pooled text feature
