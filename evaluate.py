@@ -28,6 +28,7 @@ from tqdm import tqdm
 import data
 import interop
 import runtime
+import vit
 
 SIMPLE_TEMPLATES = ("itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
                     "a {} in a video game.", "art of the {}.", "a photo of the small {}.")  # open_clip's short set
@@ -164,7 +165,7 @@ def evaluate(model, eval_sets, device, precision=""):
     if "zeroshot" in eval_sets:
         zs = eval_sets["zeroshot"]
         n_classes, n_templates, C = zs["tokens"].shape
-        prompts = embed(model.encode_text, zs["tokens"].view(-1, C), device, precision)  # (n_classes * n_templates, E)
+        prompts = embed(model.encode_text, vit.trim_tokens(zs["tokens"].view(-1, C)), device, precision)  # (K * T, E)
         # a class is the mean of its normalised template embeddings, renormalised
         class_features = F.normalize(prompts.view(n_classes, n_templates, -1).mean(dim=1), dim=-1)  # (K, E)
         images, labels = zip(*[(embed(model.encode_image, x, device, precision), y)
@@ -175,7 +176,8 @@ def evaluate(model, eval_sets, device, precision=""):
                    zeroshot_mean_per_class_recall=mean_per_class_recall(images @ class_features.T, labels))
     if "retrieval" in eval_sets:
         images, texts = zip(*[(embed(model.encode_image, x, device, precision),
-                               embed(model.encode_text, t.flatten(0, 1), device, precision).view(*t.shape[:2], -1))
+                               embed(model.encode_text, vit.trim_tokens(t.flatten(0, 1)), device,
+                                     precision).view(*t.shape[:2], -1))
                               for x, t in progress(eval_sets["retrieval"]["batches"], "retrieval")])
         images, texts = torch.cat(images), torch.cat(texts)  # (N, E), (N, k, E): k captions per image
         text_image = torch.arange(len(images), device=device).repeat_interleave(texts.shape[1])

@@ -168,6 +168,7 @@ def train_step(objective, optimizer, images, tokens, lr, grad_clip, teacher=None
     ranks under DDP (`objective` is then the DDP-wrapped Objective): the global batch's loss."""
     for group in optimizer.param_groups:
         group["lr"] = lr
+    tokens = vit.trim_tokens(tokens)  # no work on the padding after the longest caption (exact)
     with runtime.autocast(images.device, precision):
         teacher_features = None
         if teacher is not None:  # forward only, in eval mode, on the student's augmented batch

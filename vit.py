@@ -251,7 +251,8 @@ class CLIP(nn.Module):
         return self.visual(images)  # (B, E), unnormalised
 
     def encode_text(self, tokens):
-        x = self.token_embedding(tokens) + self.positional_embedding.to(self.token_embedding.weight.dtype)  # (B, T, w)
+        T = tokens.shape[-1]  # context_length, or fewer: see trim_tokens
+        x = self.token_embedding(tokens) + self.positional_embedding[:T].to(self.token_embedding.weight.dtype)  # (B,T,w)
         x = self.ln_final(self.transformer(x))
         eot = tokens.argmax(dim=-1)  # the end-of-text token has the largest id
         return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection  # (B, E), unnormalised
@@ -260,6 +261,14 @@ class CLIP(nn.Module):
         image_features = F.normalize(self.encode_image(images), dim=-1)
         text_features = F.normalize(self.encode_text(tokens), dim=-1)
         return image_features, text_features, self.logit_scale.exp()
+
+
+def trim_tokens(tokens, multiple=8):
+    """Tokens (..., C) cut after the batch's longest caption (rounded up to a multiple of 8, so that few shapes occur).
+    Exact: the text tower is causal and pools at the end-of-text token, so no later position can reach a pooled one;
+    the cut positions are pure padding work (on CLIP data most of the 77)."""
+    longest = int(tokens.argmax(dim=-1).max()) + 1  # the end-of-text token has the largest id
+    return tokens[..., :min(tokens.shape[-1], -(-longest // multiple) * multiple)]
 
 
 # -----------------------------------------------------------------------------

@@ -2,10 +2,12 @@
 Training-step speed of this repo against open_clip, side by side in one process, alternating rounds.
 
 Ours is train.train_step exactly as train() runs it (its default precision for the device, AdamW as make_optimizer
-builds it, grad-norm clipping at 1.0, the logit-scale clamp). open_clip's is its CLIP of the same shape with its
+builds it, grad-norm clipping at 1.0, the logit-scale clamp, no text work after a batch's longest caption). open_clip's is its CLIP of the same shape with its
 ClipLoss, torch's default AdamW and the clamp, at fp32 and under bf16 autocast (its --precision amp_bf16); the
-ratio is ours over open_clip's best. Shapes: the CoM-PT tiny model at 224 px / patch 16 / 77 tokens, and at the
-synthetic set's data shape (the main command's first stage), batch 32. Random data, the same for both.
+ratio is ours over open_clip's best. Shapes: the CoM-PT tiny model at 224 px / patch 16 / 77 tokens, with captions
+that fill the context (no padding to skip) and with captions of at most 32 tokens (web captions are shorter: CC3M's
+average about a dozen words), and at the synthetic set's data shape with its own captions (the main command's first
+stage); batch 32; random images. Both contenders get the same batches.
 
 open_clip is not a dependency: run it from an environment that has it, e.g.
     python -m venv --system-site-packages /tmp/oc && /tmp/oc/bin/pip install open_clip_torch
@@ -43,30 +45,47 @@ if args.threads:
     torch.set_num_threads(args.threads)
 device = runtime.pick_device(args.device)
 synthetic = data.default_shape("synthetic")
-SHAPES = {"224 px, patch 16, 77 tokens": dict(image_size=224, patch_size=16, context_length=77, vocab_size=49408),
-          f"{synthetic['image_size']} px, patch {synthetic['patch_size']}, {synthetic['context_length']} tokens "
-          "(the main command's stage 1)": dict(image_size=synthetic["image_size"], patch_size=synthetic["patch_size"],
-                                               context_length=synthetic["context_length"], vocab_size=259)}
+SHAPES = {  # name -> the data shape, and how long the captions of a batch are
+    "224 px, patch 16, 77 tokens, captions of 77 tokens": (dict(image_size=224, patch_size=16, context_length=77,
+                                                                vocab_size=49408), 77),
+    "224 px, patch 16, 77 tokens, captions of at most 32": (dict(image_size=224, patch_size=16, context_length=77,
+                                                                 vocab_size=49408), 32),
+    f"{synthetic['image_size']} px, patch {synthetic['patch_size']}, {synthetic['context_length']} tokens, the synthetic "
+    "set's captions (the main command's stage 1)": (dict(image_size=synthetic["image_size"],
+                                                         patch_size=synthetic["patch_size"],
+                                                         context_length=synthetic["context_length"], vocab_size=259),
+                                                    "synthetic")}
 
 
-def batch(cfg):
+def batch(cfg, captions):
+    """Random images; tokens of random captions whose longest has `captions` tokens, or a batch of the synthetic
+    set's own captions."""
     g = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch_size, 3, cfg.image_size, cfg.image_size, generator=g).to(device)
+    if captions == "synthetic":
+        tokens = next(data.build_train_data("synthetic", tokenizer=synthetic["tokenizer"], image_size=cfg.image_size,
+                                            context_length=cfg.context_length, batch_size=args.batch_size, workers=0,
+                                            seed=0).batches(0))[1]
+        return images, tokens.to(device)
     tokens = torch.randint(1, cfg.vocab_size - 1, (args.batch_size, cfg.context_length), generator=g)
-    tokens[:, cfg.context_length // 3] = cfg.vocab_size - 1  # end-of-text token: pooling reads here
+    lengths = torch.randint(captions // 3, captions + 1, (args.batch_size,), generator=g)
+    lengths[0] = captions  # the longest caption, end-of-text token included
+    positions = torch.arange(cfg.context_length)
+    tokens[positions >= lengths[:, None]] = 0  # padding after the caption
+    tokens[torch.arange(args.batch_size), lengths - 1] = cfg.vocab_size - 1  # end-of-text (the largest id)
     return images, tokens.to(device)
 
 
-def ours(cfg):
+def ours(cfg, captions):
     torch.manual_seed(0)
     model = vit.CLIP(cfg).to(device).train()
     settings = train.Settings(device=args.device)
     objective, optimizer = train.Objective(model), train.make_optimizer(model, settings, device)
-    images, tokens = batch(cfg)
+    images, tokens = batch(cfg, captions)
     return lambda: train.train_step(objective, optimizer, images, tokens, settings.lr, settings.grad_clip)
 
 
-def theirs(cfg, precision):
+def theirs(cfg, captions, precision):
     torch.manual_seed(0)
     model = open_clip.CLIP(embed_dim=cfg.embed_dim, vision_cfg=dict(
         image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.vision_width, layers=cfg.vision_layers),
@@ -78,7 +97,7 @@ def theirs(cfg, precision):
     optimizer = torch.optim.AdamW([{"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
                                    {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": 0.1}],
                                   lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
-    images, tokens = batch(cfg)
+    images, tokens = batch(cfg, captions)
 
     def step():
         with runtime.autocast(device, precision):
@@ -106,11 +125,11 @@ print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, 
       f"open_clip {open_clip.__version__ if open_clip else 'not installed'}")
 print(f"\n| shape ({args.size}, batch {args.batch_size}) | ours | open_clip fp32 | open_clip bf16 autocast | ours / "
       "open_clip's best |\n| --- | ---: | ---: | ---: | ---: |")
-for name, shape in SHAPES.items():
+for name, (shape, captions) in SHAPES.items():
     cfg = vit.config(args.size, **shape)
-    contenders = {"ours": ours(cfg)}
+    contenders = {"ours": ours(cfg, captions)}
     if open_clip:
-        contenders.update({"fp32": theirs(cfg, "fp32"), "bf16": theirs(cfg, "bf16")})
+        contenders.update({"fp32": theirs(cfg, captions, "fp32"), "bf16": theirs(cfg, captions, "bf16")})
     for step in contenders.values():  # warm up: first-call allocations, oneDNN primitive caches
         step(), step()
     best = {k: 0.0 for k in contenders}

@@ -127,3 +127,15 @@ def test_grad_checkpointing_gives_same_gradients():
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+def test_trimmed_tokens_give_the_same_text_features():
+    cfg = small_cfg()
+    torch.manual_seed(0)
+    model = vit.CLIP(cfg).double().eval()
+    _, tokens = batch(cfg)
+    trimmed = vit.trim_tokens(tokens)
+    longest = int(tokens.argmax(-1).max()) + 1
+    assert trimmed.shape[-1] % 8 == 0 and longest <= trimmed.shape[-1] < longest + 8
+    assert torch.equal(trimmed, tokens[:, :trimmed.shape[-1]])
+    torch.testing.assert_close(model.encode_text(trimmed), model.encode_text(tokens), rtol=1e-12, atol=1e-12)
