@@ -83,6 +83,12 @@ def per_stage(text, n, flag, kind=int):
     return values * n if len(values) == 1 else values
 
 
+def official_warmup(steps, grown, epochs):
+    """The official warmup (8000 steps for the first model, 1000 for a grown one, over `epochs` CC3M epochs) as the
+    same fraction of a stage of `steps` steps: at least MIN_WARMUP, at most half the stage."""
+    return min(steps // 2, max(MIN_WARMUP, round(steps * OFFICIAL_WARMUP[grown] / (epochs * CC3M_STEPS_PER_EPOCH))))
+
+
 def schedule(args, settings, n):
     """Steps, epochs, warmup and peak lr per stage. By default the official CC3M scripts': the smallest model 128
     epochs with 8000 warmup steps, the grown ones 24, 16, 16 (a longer chain repeats 16) with 1000, all at peak lr
@@ -99,9 +105,8 @@ def schedule(args, settings, n):
         steps = [e * (num_samples // (settings.batch_size * int(os.environ.get("WORLD_SIZE", "1")))) for e in epochs]
     else:
         steps, epochs = [round(SYNTHETIC_FIRST_STEPS * e / official[0]) for e in official], [1] * n
-    warmup = per_stage(args.warmup, n, "--warmup") if args.warmup else [  # at most half a stage
-        min(s // 2, max(MIN_WARMUP, round(s * OFFICIAL_WARMUP[i > 0] / (e * CC3M_STEPS_PER_EPOCH))))
-        for i, (s, e) in enumerate(zip(steps, official))]
+    warmup = per_stage(args.warmup, n, "--warmup") if args.warmup else [
+        official_warmup(s, i > 0, e) for i, (s, e) in enumerate(zip(steps, official))]
     lr = per_stage(args.lr, n, "--lr", float) if args.lr else [OFFICIAL_LR] * n
     return [dict(steps=s, epochs=e, warmup=w, lr=r) for s, e, w, r in zip(steps, epochs, warmup, lr)]
 

@@ -40,11 +40,14 @@ SIZES = {
     "medium":    dict(vision_width=512,  vision_layers=12, text_width=448, text_layers=12),
     "base":      dict(vision_width=768,  vision_layers=12, text_width=512, text_layers=12),
     "large":     dict(vision_width=1024, vision_layers=24, text_width=768, text_layers=12),
-    # CPU-scale: 1, 2 and 4 image heads; cpu-tiny -> cpu-small doubles the width, cpu-small -> cpu-base doubles the
-    # image width and depth (the chain's B -> L step in miniature) and grows the text width by 1.5x.
-    "cpu-tiny":  dict(vision_width=64,   vision_layers=2,  text_width=64,  text_layers=2),
-    "cpu-small": dict(vision_width=128,  vision_layers=2,  text_width=128, text_layers=2),
-    "cpu-base":  dict(vision_width=256,  vision_layers=4,  text_width=192, text_layers=2),
+    # CPU-scale: 1 to 4 image heads; cpu-nano is cpu-tiny at half the image depth (as nano is tiny), cpu-tiny ->
+    # cpu-small doubles the widths (as tiny -> small), cpu-medium sits between small and base (1.5x the widths),
+    # cpu-small -> cpu-base doubles the image width and depth (the chain's B -> L step in miniature).
+    "cpu-nano":   dict(vision_width=64,  vision_layers=1, text_width=64,  text_layers=2),
+    "cpu-tiny":   dict(vision_width=64,  vision_layers=2, text_width=64,  text_layers=2),
+    "cpu-small":  dict(vision_width=128, vision_layers=2, text_width=128, text_layers=2),
+    "cpu-medium": dict(vision_width=192, vision_layers=2, text_width=192, text_layers=2),
+    "cpu-base":   dict(vision_width=256, vision_layers=4, text_width=192, text_layers=2),
 }
 
 

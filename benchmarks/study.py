@@ -1,0 +1,408 @@
+"""
+The paper's claims, measured: models of a chain against the same models trained alone, on the synthetic set.
+
+    python benchmarks/study.py                  # the CPU configuration (cpu-* sizes), about 90 min on 2 cores
+    python benchmarks/study.py --config gpu     # tiny, small, base, for a GPU
+    python benchmarks/study.py --report         # only rewrite results/ from the trainings already finished
+
+Every training runs once, into runs/study/<config>/<job>/, and a rerun resumes or reuses it (chain.train_stage); the
+trainings run in as many processes as there are cores, one thread each. It writes results/study-<config>.md,
+results/study-<config>.json and results/study-<config>-*.svg. What is measured, with settings fixed before any run:
+
+1. Accuracy against cost. Each larger size trained alone, with its own full schedule, for 1/8, 1/4, 1/2 and 1 of
+   the first stage's steps L; and chained: grown (lossless) from the trained predecessor and distilled towards it
+   (alpha 500) for 1/16, 1/8, 1/4 and 1/2 of L, the predecessor itself chained with the same fraction. The cost of a
+   chained model is cumulative: its predecessors' training and the teachers' forward passes included (the ledger's
+   convention). Several seeds: mean and spread (min to max). Alone runs are separate runs rather than points of one
+   long run, because a point in the middle of a cosine schedule has not annealed and would understate training alone.
+2. The paper's schedule, and family size: chains of 3, 4 and 5 models with the official stage lengths (128 : 24 : 16 :
+   16 ...), the acceleration ratio of each, and every member against its twin trained alone for L steps.
+3. Ablations of the first grown stage, from the same trained first stage: growth and FD (the method), growth only
+   (alpha 0), FD only (fresh init + FD), neither; the growth operators inherit, inherit_qkv, lossless; alpha 50, 500,
+   5000; the grown stage's peak lr and warmup.
+4. The ledger of the official CC3M chain (chain.py --dry-run).
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, replace
+from multiprocessing import get_context
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+import chain  # noqa: E402
+import data  # noqa: E402
+import evaluate  # noqa: E402
+import grow  # noqa: E402
+import interop  # noqa: E402
+import runtime  # noqa: E402
+import train  # noqa: E402
+import vit  # noqa: E402
+from distill import FeatureDistill  # noqa: E402
+from svg import line_chart  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Config:
+    sizes: tuple  # the chain of part 1, smallest first
+    first_steps: int  # L
+    batch_size: int
+    seeds: tuple
+    fractions: tuple  # part 1: grown-stage lengths, as fractions of L
+    alone: tuple  # part 1: alone-run lengths, as fractions of L
+    families: tuple  # part 2: chains with the official stage lengths
+    ablation_fraction: float  # part 3: the grown stage's length, as a fraction of L
+    ablation_seeds: tuple
+    device: str = "cpu"
+
+
+CONFIGS = {
+    "cpu": Config(sizes=("cpu-tiny", "cpu-small", "cpu-base"), first_steps=2000, batch_size=64, seeds=(0, 1, 2),
+                  fractions=(1 / 16, 1 / 8, 1 / 4, 1 / 2), alone=(1 / 8, 1 / 4, 1 / 2, 1),
+                  families=(("cpu-tiny", "cpu-small", "cpu-base"), ("cpu-tiny", "cpu-small", "cpu-medium", "cpu-base"),
+                            ("cpu-nano", "cpu-tiny", "cpu-small", "cpu-medium", "cpu-base")),
+                  ablation_fraction=1 / 4, ablation_seeds=(0, 1, 2)),
+    "gpu": Config(sizes=("tiny", "small", "base"), first_steps=4000, batch_size=256, seeds=(0, 1, 2),
+                  fractions=(1 / 16, 1 / 8, 1 / 4, 1 / 2), alone=(1 / 8, 1 / 4, 1 / 2, 1),
+                  families=(("tiny", "small", "base"), ("tiny", "small", "medium", "base"),
+                            ("nano", "tiny", "small", "medium", "base")),
+                  ablation_fraction=1 / 4, ablation_seeds=(0,), device="cuda"),
+    "smoke": Config(sizes=("cpu-tiny", "cpu-small"), first_steps=16, batch_size=8, seeds=(0, 1), fractions=(1 / 4,),
+                    alone=(1 / 2, 1), families=(("cpu-tiny", "cpu-small"),), ablation_fraction=1 / 4,
+                    ablation_seeds=(0,)),  # a minute: checks the pipeline, not the claims
+}
+METRICS = {"zeroshot_top1": "zero-shot top-1", "retrieval_R@1": "retrieval R@1 (mean of both ways)"}
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str  # its folder under runs/study/<config>/
+    size: str
+    steps: int
+    seed: int
+    start: str = ""  # the job whose trained model this one is grown from ("": a fresh init)
+    teacher: str = ""  # the job whose trained model this one is distilled towards ("": none)
+    grow_method: str = "lossless"
+    alpha: float = 500.0
+    lr: float = chain.OFFICIAL_LR
+    warmup: int = chain.MIN_WARMUP
+
+
+def fraction_name(f):
+    return f"{f.as_integer_ratio()[0]}-{f.as_integer_ratio()[1]}" if f < 1 else f"{f:g}"
+
+
+# -----------------------------------------------------------------------------
+# the trainings
+
+
+def plan(config):
+    """Every training of the study, by name "s<seed>/<key>" (each job after the ones it starts from), and the keys
+    of each part of the report: alone and chained (per size), family (the chains), ablation ((tag, key) pairs)."""
+    L, jobs = config.first_steps, {}
+    parts = dict(alone={s: [] for s in config.sizes[1:]}, chained={s: [] for s in config.sizes[1:]}, family=[],
+                 ablation=[])
+
+    def add(job, part=None):
+        jobs.setdefault(job.name, job)
+        if part is not None and key(job.name) not in part:
+            part.append(key(job.name))
+        return job
+
+    def alone(size, steps, seed):  # the first stage's official warmup fraction
+        return Job(f"s{seed}/{size}-{steps}", size, steps, seed, warmup=chain.official_warmup(steps, False,
+                                                                                               128 * steps / L))
+
+    def grown(size, steps, predecessor, **kw):  # a grown stage's official warmup fraction
+        return Job(f"s{predecessor.seed}/{size}-after-{key(predecessor.name)}-{steps}", size, steps,
+                   predecessor.seed, start=predecessor.name, teacher=predecessor.name,
+                   warmup=chain.official_warmup(steps, True, 128 * steps / L), **kw)
+
+    for seed in sorted(set(config.seeds) | set(config.ablation_seeds)):
+        first = add(alone(config.sizes[0], L, seed))
+        if seed in config.seeds:  # part 1
+            for size in config.sizes[1:]:
+                for f in config.alone:
+                    add(alone(size, round(f * L), seed), parts["alone"][size])
+            for f in config.fractions:
+                predecessor = first
+                for size in config.sizes[1:]:
+                    predecessor = add(grown(size, round(f * L), predecessor), parts["chained"][size])
+        if seed in config.ablation_seeds:  # part 3: the first grown stage, one setting changed at a time
+            method = add(grown(config.sizes[1], round(config.ablation_fraction * L), first))
+            if seed == config.ablation_seeds[0]:
+                parts["ablation"].append(("method", key(method.name)))
+            for tag, change in ablations(method.steps):
+                variant = add(replace(method, name=f"{method.name}-{tag}", **change))
+                if seed == config.ablation_seeds[0]:
+                    parts["ablation"].append((tag, key(variant.name)))
+    for family in config.families:  # part 2: the official stage lengths, seed 0, and every member's twin
+        predecessor, keys = add(alone(family[0], L, 0)), [f"{family[0]}-{L}"]
+        for i, size in enumerate(family[1:], 1):
+            epochs = chain.OFFICIAL_EPOCHS[min(i, len(chain.OFFICIAL_EPOCHS) - 1)]
+            predecessor = add(grown(size, round(L * epochs / 128), predecessor))
+            keys.append(key(predecessor.name))
+            add(alone(size, L, 0))
+        parts["family"].append(keys)
+    return jobs, parts
+
+
+def key(name):
+    return name.split("/", 1)[1]
+
+
+def ablations(steps):
+    """(tag, what changes from the method) for part 3; the method is lossless growth + FD (alpha 500), lr 1e-3."""
+    return [("growth-only", dict(teacher="")), ("fd-only", dict(start="")), ("neither", dict(start="", teacher="")),
+            ("inherit", dict(grow_method="inherit")), ("inherit_qkv", dict(grow_method="inherit_qkv")),
+            ("alpha-50", dict(alpha=50.0)), ("alpha-5000", dict(alpha=5000.0)), ("lr-3e-4", dict(lr=3e-4)),
+            ("lr-3e-3", dict(lr=3e-3)), (f"warmup-{steps // 8}", dict(warmup=steps // 8)),
+            (f"warmup-{steps // 2}", dict(warmup=steps // 2))]
+
+
+ABLATION_LABELS = {"growth-only": "growth only (no FD)", "fd-only": "FD only (fresh init + FD)",
+                   "neither": "neither (fresh init, no FD)", "inherit": "the official operator (inherit) + FD",
+                   "inherit_qkv": "inherit_qkv + FD", "alpha-50": "alpha 50", "alpha-5000": "alpha 5000",
+                   "lr-3e-4": "peak lr 3e-4", "lr-3e-3": "peak lr 3e-3"}
+
+
+def shape(size):
+    tokenizer = data.default_shape("synthetic")["tokenizer"]
+    return vit.config(size, **data.default_shape("synthetic"), vocab_size=data.get_tokenizer(tokenizer).vocab_size)
+
+
+def load(root, name):
+    ckpt = interop.load_checkpoint(os.path.join(root, name, "checkpoint.pt"))
+    model = vit.CLIP(vit.CLIPConfig.from_dict(ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+def run_job(job, config, root):
+    """Train one job (in a worker process, one thread), with the synthetic set's attribute probes at the end."""
+    torch.set_num_threads(1)
+    settings = train.Settings(steps=job.steps, batch_size=config.batch_size, seed=job.seed, lr=job.lr,
+                              warmup=job.warmup, device=config.device, eval_every=0, log_every=max(1, job.steps // 10),
+                              save_every=max(1, job.steps // 4))
+    stage = chain.Stage(job.size, shape(job.size), settings, job.steps * config.batch_size,
+                        os.path.join(root, job.name), job.name)
+    model = train.first_model(stage.cfg, job.seed)
+    if job.start:
+        model = chain.grown(load(root, job.start), stage, job.grow_method)
+    teacher = load(root, job.teacher) if job.teacher else None
+    distill = FeatureDistill(model.cfg.embed_dim, teacher.cfg.embed_dim, job.alpha) if teacher else None
+    result = chain.train_stage(stage, model, teacher, distill)
+    if not any(k.startswith("probe_") for k in result):
+        tokenizer = data.get_tokenizer(stage.cfg.tokenizer)
+        sets = evaluate.build_eval_sets("synthetic", tokenizer=tokenizer, image_size=stage.cfg.image_size,
+                                        context_length=stage.cfg.context_length)
+        if "probes" in sets:
+            result.update(evaluate.attribute_probes(model, sets["probes"], runtime.pick_device(config.device)))
+            runtime.save_json(result, os.path.join(stage.dir, "result.json"))
+    return result
+
+
+def run_all(jobs, config, root, workers):
+    """Run every job not finished yet, each once its predecessors are, longest first among the ready ones."""
+    done = {n for n in jobs if os.path.exists(os.path.join(root, n, "result.json"))}
+    cost = {n: j.steps * vit.flops_per_sample(shape(j.size)) for n, j in jobs.items()}
+    running, started = {}, time.time()
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        while len(done) < len(jobs):
+            ready = [n for n, j in jobs.items() if n not in done and n not in running.values()
+                     and all(d in done for d in (j.start, j.teacher) if d)]
+            for name in sorted(ready, key=cost.get, reverse=True)[:max(0, workers - len(running))]:
+                running[pool.submit(run_job, jobs[name], config, root)] = name
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                name = running.pop(future)
+                future.result()  # a failed training stops the study, with its error
+                done.add(name)
+                print(f"[{time.time() - started:6.0f} s] {len(done)}/{len(jobs)} done: {name}", flush=True)
+
+
+# -----------------------------------------------------------------------------
+# costs, aggregation, verdicts
+
+
+def training_flops(job, jobs):
+    """The job's own training FLOPs (3 x its forward per sample, plus its teacher's forward), and the cumulative cost
+    of the model it yields: the predecessors' and teachers' trainings included."""
+    own = job.steps * (3 * vit.flops_per_sample(shape(job.size)) +
+                       (vit.flops_per_sample(shape(jobs[job.teacher].size)) if job.teacher else 0))
+    before = {d for d in (job.start, job.teacher) if d}
+    return own, own + sum(training_flops(jobs[d], jobs)[1] for d in before)
+
+
+def measure(result, metric):
+    if metric == "retrieval_R@1":
+        return 100 * (result["i2t_R@1"] + result["t2i_R@1"]) / 2
+    return 100 * result[metric]
+
+
+def point(names, jobs, results, metric):
+    """(cumulative cost, mean, low, high) of the same training over seeds."""
+    values = [measure(results[n], metric) for n in names]
+    return (training_flops(jobs[names[0]], jobs)[1], statistics.mean(values), min(values), max(values))
+
+
+def interpolate(curve, x):
+    """The alone curve (sorted (cost, value)) at cost x, linear in log cost; outside it, its nearest end."""
+    if x <= curve[0][0]:
+        return curve[0][1]
+    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
+        if x <= x1:
+            t = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            return y0 + t * (y1 - y0)
+    return curve[-1][1]
+
+
+def verdict(alone, chained):
+    """Whether the chained points lie above the alone curve at equal cost: 'holds', 'holds from cost X on', or 'does
+    not hold here' (and by how much at each point)."""
+    curve = sorted((p[0], p[1]) for p in alone)
+    gaps = [(x, y - interpolate(curve, x)) for x, y, *_ in sorted(chained)]
+    ahead = [g > 0 for _, g in gaps]
+    if all(ahead):
+        return "holds", gaps
+    if ahead[-1]:
+        first = next(i for i in range(len(ahead)) if all(ahead[i:]))
+        return f"holds from {gaps[first][0]:.2g} FLOPs on", gaps
+    return "does not hold here", gaps
+
+
+# -----------------------------------------------------------------------------
+# the report
+
+
+def seeds_of(jobs, key_):
+    """The names of one training under every seed it ran with."""
+    return sorted(n for n in jobs if key(n) == key_)
+
+
+def cost_part(config, jobs, parts, results, out):
+    """Part 1: per larger size and metric, the alone curve, the chained points and the verdict; figures."""
+    md, summary = [], {}
+    for size in config.sizes[1:]:
+        for metric, label in METRICS.items():
+            a = [point(seeds_of(jobs, k), jobs, results, metric) for k in parts["alone"][size]]
+            c = [point(seeds_of(jobs, k), jobs, results, metric) for k in parts["chained"][size]]
+            word, gaps = verdict(a, c)
+            summary[f"{size}/{metric}"] = dict(alone=a, chained=c, verdict=word, gaps=gaps)
+            series = [dict(label="alone", colour="#d62728", points=a),
+                      dict(label="chained", colour="#1f77b4", points=c, dashed=True)]
+            name = f"study-{config_name}-{size}-{metric.replace('@', '')}.svg"
+            runtime.save_text(line_chart(series, f"{size}: {label}", "training FLOPs (cumulative)", f"{label} (%)",
+                                         log_x=True), os.path.join(out, name))
+            md.append(f"| {size} | {label} | " + ", ".join(f"{x:.2g}: {y:.1f}" for x, y, *_ in a) + " | " +
+                      ", ".join(f"{x:.2g}: {y:.1f}" for x, y, *_ in c) + f" | {word}; gaps " +
+                      ", ".join(f"{g:+.1f}" for _, g in gaps) + f" | ![{size}]({name}) |")
+    header = ["| size | metric | alone (FLOPs: %, mean of seeds) | chained | verdict (chain minus alone at equal "
+              "cost, points) | figure |", "| --- | --- | --- | --- | --- | --- |"]
+    return header + md, summary
+
+
+def family_part(config, jobs, parts, results):
+    """Part 2: each family chain's ledger (acceleration) and its members against their twins."""
+    L, md, summary = config.first_steps, [], []
+    for family, keys in zip(config.families, parts["family"]):
+        names = [f"s0/{k}" for k in keys]
+        _, totals = chain.ledger([shape(s) for s in family], [jobs[n].steps * config.batch_size for n in names])
+        members = [dict(size=size, chain={m: measure(results[n], m) for m in METRICS},
+                        alone={m: measure(results[f"s0/{size}-{L}"], m) for m in METRICS})
+                   for size, n in zip(family, names)]
+        summary.append(dict(family=family, speedup=totals["speedup"], saving=totals["saving_vs_largest"],
+                            members=members))
+        cells = "; ".join(f"{m['size']} " + " / ".join(f"{m['chain'][k]:.1f} vs {m['alone'][k]:.1f}" for k in METRICS)
+                          for m in members)
+        md.append(f"| {len(family)}: {' -> '.join(family)} | {totals['speedup']:.2f}x | "
+                  f"{100 * totals['saving_vs_largest']:.0f}% | {cells} |")
+    header = ["| models | acceleration (alone / chain FLOPs) | saving vs the largest alone | per member, chain vs "
+              "alone: zero-shot / retrieval R@1 (%) |", "| --- | ---: | ---: | --- |"]
+    return header + md, summary
+
+
+def ablation_part(config, jobs, parts, results):
+    """Part 3: every variant of the first grown stage against the method, mean over the ablation seeds."""
+    probes = sorted({k for r in results.values() for k in r if k.startswith("probe_")})
+    md, summary = [], {}
+    for tag, key_ in parts["ablation"]:
+        names = seeds_of(jobs, key_)
+        values = {m: statistics.mean(measure(results[n], m) for n in names) for m in METRICS}
+        values.update({p: statistics.mean(100 * results[n][p] for n in names) for p in probes})
+        summary[tag] = values
+        label = "the method: lossless growth + FD (alpha 500)" if tag == "method" else \
+            ABLATION_LABELS.get(tag, tag.replace("-", " ") + " steps")
+        md.append(f"| {label} | " + " | ".join(f"{values[k]:.1f}" for k in [*METRICS, *probes]) + " |")
+    steps = jobs[seeds_of(jobs, parts["ablation"][0][1])[0]].steps
+    header = [f"| {config.sizes[1]}, {steps} steps after {config.sizes[0]} ({config.first_steps} steps) | " +
+              " | ".join([*METRICS.values(), *(p[len('probe_'):] + ' probe' for p in probes)]) + " |",
+              "| --- |" + " ---: |" * (len(METRICS) + len(probes))]
+    return header + md, summary
+
+
+def cc3m_ledger():
+    args = chain.parse_args(["--sizes", "tiny,small,base,large", "--data", "cc3m.csv", "--num-samples", "2905954",
+                             "--batch-size", "1024", "--captions-per-image", "7", "--tokenizer", "byte"])
+    settings = train.Settings(data="cc3m.csv", num_samples=2905954, batch_size=1024, captions_per_image=7)
+    stages = chain.plan(args, settings)
+    return chain.ledger([st.cfg for st in stages], [st.samples for st in stages], 7)[1]
+
+
+def report(config, jobs, parts, root, out):
+    results = {n: runtime.load_json(os.path.join(root, n, "result.json"), "study result") for n in jobs
+               if os.path.exists(os.path.join(root, n, "result.json"))}
+    missing = [n for n in jobs if n not in results]
+    if missing:
+        raise ValueError(f"{len(missing)} of {len(jobs)} trainings are not finished (e.g. {missing[0]}); run the "
+                         "study without --report first")
+    cost_md, cost = cost_part(config, jobs, parts, results, out)
+    family_md, family = family_part(config, jobs, parts, results)
+    ablation_md, ablation = ablation_part(config, jobs, parts, results)
+    ledger = cc3m_ledger()
+    summary = dict(config=asdict(config), cost=cost, family=family, ablation=ablation, cc3m_ledger=ledger,
+                   results=results, git=runtime.git_hash())
+    runtime.save_json(summary, os.path.join(out, f"study-{config_name}.json"))
+    md = [f"# Study ({config_name} configuration)", "", f"First stage {config.first_steps} steps of "
+          f"{config.batch_size}; seeds {list(config.seeds)}; {len(jobs)} trainings.", "",
+          "## 1. Accuracy against cost", "", *cost_md, "", "## 2. Family size (seed 0)", "", *family_md, "",
+          f"## 3. Ablations of the first grown stage (mean of seeds {list(config.ablation_seeds)})", "", *ablation_md,
+          "", "## 4. The official CC3M chain's ledger", "",
+          f"tiny -> small -> base -> large, 128/24/16/16 epochs, 7 captions: {ledger['speedup']:.2f}x cheaper than "
+          f"the four alone, {100 * ledger['saving_vs_largest']:.1f}% cheaper than large alone.", ""]
+    runtime.save_text("\n".join(md), os.path.join(out, f"study-{config_name}.md"))
+    print("\n".join(md))
+
+
+def main(argv=None):
+    global config_name
+    p = runtime.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("--config", default="cpu", choices=list(CONFIGS), help="cpu (cpu-* sizes), gpu, or smoke")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="trainings at once, one thread each")
+    p.add_argument("--runs", default="runs/study", help="where the trainings go (resumed on a rerun)")
+    p.add_argument("--out", default="results", help="where the report, its JSON and the figures go")
+    p.add_argument("--report", action="store_true", help="only rewrite the report from finished trainings")
+    args = p.parse_args(argv)
+    config_name, config = args.config, CONFIGS[args.config]
+    root = os.path.join(args.runs, args.config)
+    jobs, parts = plan(config)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        if not args.report:
+            print(f"{len(jobs)} trainings into {root}, {args.workers} at a time", flush=True)
+            run_all(jobs, config, root, args.workers)
+        report(config, jobs, parts, root, args.out)
+    except runtime.USER_ERRORS as e:
+        runtime.exit_with(e)
+
+
+config_name = "cpu"
+if __name__ == "__main__":
+    main()
