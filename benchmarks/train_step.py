@@ -2,8 +2,9 @@
 Training-step throughput of train.py's step (forward, CLIP loss, backward, grad clipping, AdamW, logit-scale clamp).
 
 Times `train.train_step` exactly as `train()` runs it (same optimizer groups, same precision policy: bf16 autocast
-on CUDA, fp32 elsewhere) on random data, so the figure is comparable to benchmarks/openclip_step.py (open_clip's own
-CLIP of the same shape). The default is the CoM-PT "tiny" model at 224 px, batch 32, context 77, CLIP BPE vocab.
+on CUDA and on CPUs with bf16 matrix instructions, else fp32) on random data, with captions that fill the context.
+The default is the CoM-PT "tiny" model at 224 px, batch 32, context 77, CLIP BPE vocab. For the comparison with
+open_clip, side by side, see benchmarks/speed_vs_openclip.py.
 
     python benchmarks/train_step.py                                   # tiny @ 224 px, batch 32, this CPU
     python benchmarks/train_step.py --size base --batch-size 128 --device cuda
@@ -16,6 +17,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import runtime  # noqa: E402
 import train  # noqa: E402
 import vit  # noqa: E402
 
@@ -48,7 +50,7 @@ optimizer = train.make_optimizer(model, settings, device)
 
 images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
 tokens = torch.randint(1, args.vocab_size - 1, (args.batch_size, args.context_length), device=device)
-tokens[:, args.context_length // 4] = args.vocab_size - 1  # end-of-text token (the largest id): pooling reads here
+tokens[:, -1] = args.vocab_size - 1  # end-of-text token (the largest id) last: captions fill the context
 
 
 def step():
@@ -63,7 +65,7 @@ for _ in range(args.steps):
     step()
     times.append(time.perf_counter() - t0)
 median = sorted(times)[len(times) // 2]
-precision = "bf16 autocast" if device.type == "cuda" else "fp32"
+precision = runtime.default_precision(device)
 print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
       f"params {vit.count_params(cfg) / 1e6:.2f}M, {vit.flops_per_sample(cfg) / 1e9:.2f} GFLOPs/sample forward")
 print(f"{args.size} @ {args.image_size}px, batch {args.batch_size}, {precision}: median step {median:.3f} s, "
