@@ -1,14 +1,8 @@
 """
-Data for CLIP pre-training: open_clip's transforms, the embedded synthetic caption set, readers for the
-formats CC3M comes in, training batches, and the zero-shot / retrieval evaluation sets. The tokenizers live
-in tokenizer.py (re-exported here). `python data.py check SOURCE` reads a source end to end and counts its
-good and bad samples.
-
-The paper (CoM-PT, Fan et al. 2026) trains on CC3M; the chain itself does not depend on the data, so the
-default source is `synthetic`: procedurally drawn pictures of coloured shapes with captions, needing no
-files. It is meant to be learnable but not trivial: captions bind colour to shape, give size and position,
-and for two-object pictures a spatial relation, each in five paraphrases; small shapes are 8-10 px wide
-at 32 px, colours are jittered on a noisy background. Raw-pixel nearest neighbours stay far from solving it.
+Data for CLIP pre-training: open_clip's transforms, readers for the formats CC3M comes in, training batches, and the
+labelled images and caption sets that evaluate.py scores. The tokenizers live in tokenizer.py (re-exported here), the
+embedded synthetic set in synthetic.py (the default source, `synthetic`, needs no files). `python data.py check
+SOURCE` reads a source end to end and counts its good and bad samples.
 
 Real sources, named by one string: a .csv/.tsv in open_clip's layout (delimiter sniffed; image paths
 relative to data_root, default the CSV's folder; several caption columns "a,b" and/or a separator inside
@@ -17,7 +11,7 @@ key.jpg|jpeg|png|webp + key.txt, key.json ignored); img2dataset's "files" folder
 A bad sample (corrupt, truncated, empty or not an image, missing file or caption, an unreadable shard) is
 replaced so that its batch keeps its size, and counted by kind in TrainData.skipped.
 
-Determinism: for synthetic, CSV and files sources the order of an epoch is a permutation drawn from
+Determinism: for CSV and files sources (and synthetic.py's set) the order of an epoch is a permutation drawn from
 (seed, epoch); global batches are consecutive slices of it and rank r takes the r-th part of each. Each
 sample's caption choice and augmentation come from (seed, epoch, index) on a forked RNG, so the stream does
 not depend on the number of workers and the caller's global RNG is never touched. Shards are read
@@ -42,13 +36,14 @@ from itertools import chain, islice
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from torchvision import transforms as T
 from torchvision.models import ResNet50_Weights
 from tqdm import tqdm
 
 import runtime
+import synthetic
 from tokenizer import get_tokenizer, tokenize  # noqa: F401  (re-exported)
 from vit import MEAN, STD  # CLIP's input normalisation
 
@@ -74,126 +69,19 @@ def eval_transform(image_size):
 
 
 # -----------------------------------------------------------------------------
-# the synthetic caption set
+# the model's data shape per source
 
-SYNTHETIC_SHAPE = dict(image_size=32, patch_size=8, context_length=48, tokenizer="byte")  # the longest caption: 46 bytes
 REAL_SHAPE = dict(image_size=224, patch_size=16, context_length=77, tokenizer="clip-bpe")  # CLIP's ViT-*-16
-SYNTHETIC_NUM_SAMPLES = 10_000
 
 
 def default_shape(source, bpe=""):
     """The model's data-dependent shape for a data source (image size, patch size, context length, tokenizer): the
-    synthetic set's own, or CLIP's for real data. A given BPE vocabulary file selects the CLIP BPE tokenizer."""
-    shape = dict(SYNTHETIC_SHAPE if source == "synthetic" else REAL_SHAPE)
+    synthetic set's own (synthetic.py), or CLIP's for real data. A given BPE vocabulary file selects the CLIP BPE
+    tokenizer."""
+    shape = dict(synthetic.DATA_SHAPE if source == "synthetic" else REAL_SHAPE)
     if bpe:
         shape["tokenizer"] = "clip-bpe"
     return shape
-
-COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40),
-           "purple": (140, 50, 180), "cyan": (40, 200, 210), "pink": (245, 140, 190), "white": (245, 245, 245)}
-SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
-CLASSNAMES = [f"{c} {s}" for c in COLOURS for s in SHAPES]  # zero-shot classes: 8 x 6 = 48
-TEMPLATES = ("a {}", "a small {}", "a large {}")  # zero-shot prompts, averaged per class as CLIP does
-_POSITIONS = ("at the top left", "at the top", "at the top right", "on the left", "in the center",
-              "on the right", "at the bottom left", "at the bottom", "at the bottom right")  # a 3 x 3 grid
-_ONE = ("a {size} {c} {s} {pos}", "{pos2}: a {size} {c} {s}", "{c} {s}, {size}, {pos}",
-        "a {size} {c} {s}", "a {c} {s}")  # without position, colour and size alone rarely tell pictures apart
-_TWO = ("a {c} {s} {rel} a {c2} {s2}", "a {c2} {s2} {inv} a {c} {s}", "{c} {s} {rel} {c2} {s2}",
-        "{s} in {c} {rel} {s2} in {c2}", "{c2} {s2} {inv} {c} {s}")
-_RELATIONS = {"left of": ((-1, 0), "right of"), "right of": ((1, 0), "left of"),
-              "above": ((0, -1), "below"), "below": ((0, 1), "above")}
-_SPLITS = {"train": 0, "retrieval": 1, "zeroshot": 2}
-
-
-def _draw_shape(draw, shape, cx, cy, r, fill):
-    if shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif shape == "ring":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fill, width=max(2, round(0.4 * r)))
-    elif shape == "square":
-        h = 0.85 * r  # same area feel as the circle
-        draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
-    elif shape == "triangle":
-        draw.polygon([(cx, cy - r), (cx + r, cy + 0.8 * r), (cx - r, cy + 0.8 * r)], fill=fill)
-    elif shape == "diamond":
-        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
-    else:  # cross
-        w = 0.3 * r
-        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
-        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
-
-
-def synthetic_sample(seed, split, index, image_size=SYNTHETIC_SHAPE["image_size"], two_objects=None):
-    """Draw picture `index` of `split` ("train", "retrieval", "zeroshot"): (PIL image, 5 captions, label).
-
-    Everything comes from (seed, split, index). label = the class of the (first) object in CLASSNAMES.
-    Zero-shot pictures hold one object; others hold two with probability 0.4.
-    """
-    rng = np.random.default_rng([seed, _SPLITS[split], index])
-    S = 2 * image_size  # drawn at twice the size, then box-downsampled: cheap anti-aliasing
-    grey = rng.uniform(60, 150)
-    ramp = rng.uniform(-25, 25) * np.linspace(-1, 1, S)
-    bg = np.broadcast_to(grey + (ramp[None, :] if rng.random() < 0.5 else ramp[:, None]), (S, S))  # a gentle gradient
-    image = Image.fromarray(np.repeat(np.clip(bg, 0, 255)[..., None], 3, -1).astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-
-    def colour(name=None):
-        name = int(rng.integers(len(COLOURS))) if name is None else name
-        rgb = np.clip(np.array(list(COLOURS.values())[name]) + rng.uniform(-25, 25, 3), 0, 255)
-        return name, tuple(int(v) for v in rgb)
-
-    if split == "zeroshot":  # classes in turn, so the set is balanced
-        c, s = divmod(index % len(CLASSNAMES), len(SHAPES))
-    else:
-        c, s = int(rng.integers(len(COLOURS))), int(rng.integers(len(SHAPES)))
-    c, rgb = colour(c)
-    if two_objects is None:
-        two_objects = split != "zeroshot" and rng.random() < 0.4
-    if not two_objects:
-        large = rng.random() < 0.5
-        r = S * (rng.uniform(0.2, 0.26) if large else rng.uniform(0.12, 0.16))
-        p = int(rng.integers(len(_POSITIONS)))  # anywhere in its cell of the grid
-        cx, cy = np.clip((np.array([p % 3, p // 3]) + rng.uniform(0.15, 0.85, 2)) * S / 3, r, S - r)
-        _draw_shape(draw, SHAPES[s], cx, cy, r, rgb)
-        pos = _POSITIONS[p]
-        words = dict(size="large" if large else "small", c=list(COLOURS)[c], s=SHAPES[s], pos=pos,
-                     pos2=pos.split(" ", 2)[-1])
-        captions = [t.format(**words) for t in _ONE]
-    else:
-        while True:  # the second object differs in colour or shape
-            c2, rgb2 = colour()
-            s2 = int(rng.integers(len(SHAPES)))
-            if (c2, s2) != (c, s):
-                break
-        rel = list(_RELATIONS)[int(rng.integers(4))]
-        (dx, dy), inv = _RELATIONS[rel]
-        along = rng.uniform(0.22, 0.35, 2)  # distance from the centre line along the relation's axis
-        across = rng.uniform(0.35, 0.65, 2)
-        for k, (cc, ss, sign) in enumerate(((rgb, s, 1), (rgb2, s2, -1))):
-            r = S * rng.uniform(0.11, 0.16)
-            a = 0.5 + sign * (dx + dy) * along[k]
-            fx, fy = (a, across[k]) if dx else (across[k], a)
-            _draw_shape(draw, SHAPES[ss], fx * S, fy * S, r, cc)
-        words = dict(c=list(COLOURS)[c], s=SHAPES[s], c2=list(COLOURS)[c2], s2=SHAPES[s2], rel=rel, inv=inv)
-        captions = [t.format(**words) for t in _TWO]
-    image = image.reduce(2)
-    noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, 8, (image_size, image_size, 1))
-    image = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
-    return image, captions, c * len(SHAPES) + s
-
-
-class Synthetic:
-    """`n` training pictures of the synthetic set, as a source of (PIL image, captions)."""
-
-    def __init__(self, n, seed, image_size):
-        self.n, self.seed, self.image_size = n, seed, image_size
-
-    def __len__(self):
-        return self.n
-
-    def load(self, index):
-        image, captions, _ = synthetic_sample(self.seed, "train", index, self.image_size)
-        return image, captions
 
 
 # -----------------------------------------------------------------------------
@@ -611,15 +499,16 @@ class TrainData:
 
 def build_train_data(source, *, tokenizer, image_size, context_length, batch_size, workers, seed, rank=0,
                      world_size=1, num_samples=None, data_root=None, csv_img_key="filepath",
-                     csv_caption_key="title", caption_sep=None, captions_per_image=1):
-    """TrainData for a source string: "synthetic", a .csv/.tsv, .tar shard(s) or a folder.
-    tokenizer: a name or a tokenizer object. caption_sep splits a caption field into several captions."""
+                     csv_caption_key="title", caption_sep=None, captions_per_image=1, device="cpu"):
+    """TrainData for a source string: "synthetic" (synthetic.TrainData, whose batches are drawn on `device`), a
+    .csv/.tsv, .tar shard(s) or a folder. tokenizer: a name or a tokenizer object. caption_sep splits a caption field
+    into several captions."""
     if isinstance(tokenizer, str):
         tokenizer = get_tokenizer(tokenizer)
     item = Item(train_transform(image_size), tokenizer, context_length, captions_per_image)
-    if source == "synthetic":
-        return TrainData(Pairs(Synthetic(num_samples or SYNTHETIC_NUM_SAMPLES, seed, image_size), item, seed),
-                         batch_size, workers, seed, rank, world_size)
+    if source == "synthetic":  # drawn in batches on the training device
+        return synthetic.TrainData(num_samples or synthetic.NUM_SAMPLES, batch_size, seed, rank, world_size,
+                                   tokenizer, context_length, image_size, device, captions_per_image)
     src = open_source(source, image_size=image_size, data_root=data_root, csv_img_key=csv_img_key,
                       csv_caption_key=csv_caption_key, caption_sep=caption_sep)
     if len(src) == 0:

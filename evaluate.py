@@ -28,6 +28,7 @@ from tqdm import tqdm
 import data
 import interop
 import runtime
+import synthetic
 import vit
 
 SIMPLE_TEMPLATES = ("itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
@@ -58,40 +59,39 @@ def build_eval_sets(source="synthetic", *, tokenizer, image_size, context_length
                      templates=[t prompts with "{}"], tokens=long [n, t, C])  (the prompts, tokenized)
     "retrieval": dict(batches=iterable of (images [b,3,H,W], tokens long [b, k, C]))  (k captions per
                      image; caption j of image i matches image i only)
+    "probes": (synthetic source only) the attribute probe sets of evaluate.attribute_probes
 
-    Synthetic source: both held out from training (other seeds of the generator), in memory (lists): 960
-    one-object pictures, 20 per class of the 48 colour-shape classes, prompts TEMPLATES; 500 pictures with
-    3 captions each (the paraphrases that describe the whole picture). zeroshot_data: an ImageFolder
-    (prompts SIMPLE_TEMPLATES, or `templates`: a list or a file); val_data: any caption source, with
-    k = captions_per_image. Real sets are EvalBatches, read from disk at each pass (iterate them once per
-    evaluation), with bad samples left out and counted in .skipped.
+    Synthetic source (or val_data "synthetic"): synthetic.build_eval_sets, held out from training (other splits of its
+    generator), in memory: 20 pictures per zero-shot class, 500 retrieval pictures with 3 captions each, probe sets
+    of 4000 / 2000 pictures. zeroshot_data: an ImageFolder (prompts SIMPLE_TEMPLATES, or `templates`: a list or a
+    file); val_data: any caption source, with k = captions_per_image. Real sets are EvalBatches, read from disk at
+    each pass (iterate them once per evaluation), with bad samples left out and counted in .skipped.
     """
     if isinstance(tokenizer, str):
         tokenizer = data.get_tokenizer(tokenizer)
-    tf, sets = data.eval_transform(image_size), {}
-    if zeroshot_data or source == "synthetic":
-        folder, classnames = data.image_folder(zeroshot_data, image_size) if zeroshot_data else (None, data.CLASSNAMES)
-        templates = load_templates(templates, SIMPLE_TEMPLATES if zeroshot_data else data.TEMPLATES)
+    sets = {}
+    if source == "synthetic" or val_data == "synthetic":
+        own = synthetic.build_eval_sets(tokenizer, context_length, image_size, seed, batch_size)
+        sets = own if source == "synthetic" else {"retrieval": own["retrieval"]}
+        if templates and "zeroshot" in sets:  # other prompts for the synthetic classes
+            templates = load_templates(templates, ())
+            prompts = tokenizer([t.format(c) for c in synthetic.CLASSNAMES for t in templates], context_length)
+            sets["zeroshot"] = dict(sets["zeroshot"], templates=templates,
+                                    tokens=prompts.view(len(synthetic.CLASSNAMES), len(templates), context_length))
+    if zeroshot_data:
+        folder, classnames = data.image_folder(zeroshot_data, image_size)
+        templates = load_templates(templates, SIMPLE_TEMPLATES)
         prompts = tokenizer([t.format(c) for c in classnames for t in templates], context_length)
-        if folder:
-            batches = data.EvalBatches(data.EvalItems(folder, tf), batch_size, workers)
-        else:
-            zs = [data.synthetic_sample(seed, "zeroshot", i, image_size) for i in range(960)]
-            images, labels = torch.stack([tf(im) for im, _, _ in zs]), torch.tensor([y for _, _, y in zs])
-            batches = list(zip(images.split(batch_size), labels.split(batch_size)))
-        sets["zeroshot"] = dict(batches=batches, classnames=list(classnames), templates=templates,
+        sets["zeroshot"] = dict(batches=data.EvalBatches(data.EvalItems(folder, data.eval_transform(image_size)),
+                                                         batch_size, workers),
+                                classnames=list(classnames), templates=templates,
                                 tokens=prompts.view(len(classnames), len(templates), context_length))
     if val_data and val_data != "synthetic":
         src = data.open_source(val_data, image_size=image_size, data_root=data_root, csv_img_key=csv_img_key,
                           csv_caption_key=csv_caption_key, caption_sep=caption_sep)
-        items = data.EvalItems(src, tf, tokenizer, context_length, captions_per_image)
+        items = data.EvalItems(src, data.eval_transform(image_size), tokenizer, context_length, captions_per_image)
         sets["retrieval"] = dict(batches=data.EvalBatches(data.EvalShards(items) if isinstance(src, data.Shards) else items,
                                                      batch_size, workers))
-    elif source == "synthetic" or val_data == "synthetic":
-        rt = [data.synthetic_sample(seed, "retrieval", i, image_size) for i in range(500)]
-        images = torch.stack([tf(im) for im, _, _ in rt])
-        tokens = torch.stack([tokenizer(caps[:3], context_length) for _, caps, _ in rt])  # (500, 3, C): full ones
-        sets["retrieval"] = dict(batches=list(zip(images.split(batch_size), tokens.split(batch_size))))
     return sets
 
 
@@ -402,11 +402,11 @@ def prepare(args, cfg):
     shape = dict(tokenizer=data.get_tokenizer(cfg.tokenizer, args.bpe or None) if needs_text else None,
                  context_length=cfg.context_length, image_size=cfg.image_size, batch_size=args.batch_size,
                  workers=args.workers, templates=args.templates or None)
-    synthetic = build_eval_sets("synthetic", **shape) if not asked or args.synthetic_probes or \
-        args.zeroshot == "synthetic" else {}
-    sets = {k: synthetic[k] for k in ("zeroshot", "retrieval")} if not asked else {}
+    own = build_eval_sets("synthetic", **shape) if not asked or args.synthetic_probes or \
+        args.zeroshot == "synthetic" else {}  # the synthetic set's
+    sets = {k: own[k] for k in ("zeroshot", "retrieval")} if not asked else {}
     if args.zeroshot == "synthetic":
-        sets["zeroshot"] = synthetic["zeroshot"]
+        sets["zeroshot"] = own["zeroshot"]
     elif args.zeroshot:
         data.image_folder(args.zeroshot, flag="--zeroshot")  # its errors name this flag
         sets["zeroshot"] = build_eval_sets(None, zeroshot_data=args.zeroshot, **shape)["zeroshot"]
@@ -414,15 +414,12 @@ def prepare(args, cfg):
         sets["retrieval"] = build_eval_sets(None, val_data=args.retrieval, data_root=args.data_root or None,
                                             csv_img_key=args.csv_img_key, csv_caption_key=args.csv_caption_key,
                                             captions_per_image=args.captions_per_image, **shape)["retrieval"]
-    if args.synthetic_probes and "probes" not in synthetic:
-        raise ValueError("--synthetic-probes: this version of the synthetic set has no attribute probe sets "
-                         "(build_eval_sets('synthetic')['probes']); update data.py, or leave the flag out")
     probe = folder_pair(*pair(args.linear_probe, "--linear-probe"), "--linear-probe", cfg.image_size) \
         if args.linear_probe else None
     tune = pair(args.finetune, "--finetune") if args.finetune else None
     if tune:
         folder_pair(*tune, "--finetune")  # checked now, read again by finetune()
-    return sets, probe, tune, synthetic.get("probes") if args.synthetic_probes else None
+    return sets, probe, tune, own["probes"] if args.synthetic_probes else None
 
 
 def run(args, model, device, sets, probe, tune, probe_sets):

@@ -36,6 +36,7 @@ import evaluate
 import grow
 import interop
 import runtime
+import synthetic
 import vit
 from clip_loss import clip_loss
 from distill import FeatureDistill
@@ -58,7 +59,7 @@ class Settings:
     csv_caption_key: str = flag("title", "csv/tsv caption column(s), comma-separated")
     caption_sep: str = flag("", "separator of several captions inside one caption field")
     captions_per_image: int = flag(1, "captions per image and step; the CLIP loss averages over them")
-    num_samples: int = flag(0, "samples per epoch (0: the whole source; synthetic: 10000)")
+    num_samples: int = flag(0, f"samples per epoch (0: the whole source; synthetic: {synthetic.NUM_SAMPLES})")
     zeroshot_data: str = flag("", "zero-shot classification set, an ImageFolder: <dir>/<class name>/<image>")
     val_data: str = flag("", "retrieval set: synthetic or a source of the --data kinds (synthetic data: its own)")
     templates: str = flag("", "file of zero-shot prompts, one a line with {} for the class name (default: 7 "
@@ -299,13 +300,14 @@ def source_args(settings):
                 captions_per_image=settings.captions_per_image, workers=settings.workers)
 
 
-def build_data(settings, cfg, rank, world_size):
-    """This rank's training batches, and the evaluation sets (rank 0's; the others get none)."""
+def build_data(settings, cfg, rank, world_size, device="cpu"):
+    """This rank's training batches (the synthetic set's drawn on `device`), and the evaluation sets (rank 0's; the
+    others get none)."""
     shape = dict(tokenizer=data.get_tokenizer(cfg.tokenizer, settings.bpe or None), image_size=cfg.image_size,
                  context_length=cfg.context_length)
     train_data = data.build_train_data(settings.data, **shape, **source_args(settings), batch_size=settings.batch_size,
                                        seed=settings.seed, rank=rank, world_size=world_size,
-                                       num_samples=settings.num_samples or None)
+                                       num_samples=settings.num_samples or None, device=device)
     eval_sets = evaluate.build_eval_sets(settings.data, **shape, **source_args(settings),
                                          zeroshot_data=settings.zeroshot_data or None,
                                          val_data=settings.val_data or None,
@@ -337,7 +339,7 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
     runtime.init_distributed(device)  # under torchrun: join its process group (once), else nothing
     rank, world_size = runtime.rank_and_world()
     precision = settings.precision or runtime.default_precision(device)
-    train_data, eval_sets = build_data(settings, model.cfg, rank, world_size)
+    train_data, eval_sets = build_data(settings, model.cfg, rank, world_size, device)
     steps_per_epoch = train_data.steps_per_epoch
     total_steps = settings.steps or settings.epochs * steps_per_epoch
     objective, optimizer, scaler = prepare(model, teacher, distill, settings, device, precision)
@@ -346,7 +348,7 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
     resume = {"auto": ckpt_path if os.path.exists(ckpt_path) else None, "none": None}.get(settings.resume,
                                                                                            settings.resume)
     step, wall_time, losses = load_checkpoint(resume, model, optimizer, distill, settings, device, scaler, world_size,
-                                              sharded=isinstance(train_data.dataset, data.ShardStream)) \
+                                              sharded=isinstance(getattr(train_data, "dataset", None), data.ShardStream)) \
         if resume else (0, 0.0, {})
     if world_size > 1:  # one wrapper for the student and its projector: their gradients are averaged over the ranks
         objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)

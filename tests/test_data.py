@@ -1,88 +1,39 @@
-"""data.py: the synthetic set, transforms, training batches, evaluation sets."""
+"""data.py: transforms, map-style training batches, evaluation sets (synthetic.py's set: tests/test_synthetic.py)."""
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import data
 import evaluate
-
-COLOUR_RGB = np.array(list(data.COLOURS.values()), dtype=np.float32)
-
-
-def build(**kw):
-    args = dict(tokenizer="byte", image_size=32, context_length=48, batch_size=8, workers=0, seed=0,
-                num_samples=64)
-    args.update(kw)
-    return data.build_train_data("synthetic", **args)
+import synthetic
 
 
-# -----------------------------------------------------------------------------
-# the synthetic set
+def picture(i, size=(32, 32)):
+    """Picture i: one flat colour that encodes i, so a batch row tells which sample it came from."""
+    return Image.new("RGB", size, (8 * i, 250 - 8 * i, 60))
 
 
-def test_synthetic_is_deterministic_per_seed_and_index():
-    a, ca, la = data.synthetic_sample(0, "train", 5)
-    b, cb, lb = data.synthetic_sample(0, "train", 5)
-    assert np.array_equal(np.asarray(a), np.asarray(b)) and ca == cb and la == lb
-    assert a.size == (32, 32) and a.mode == "RGB" and len(ca) == 5
-    assert not np.array_equal(np.asarray(a), np.asarray(data.synthetic_sample(1, "train", 5)[0]))
-    assert not np.array_equal(np.asarray(a), np.asarray(data.synthetic_sample(0, "retrieval", 5)[0]))
-    assert data.synthetic_sample(0, "train", 3, image_size=64)[0].size == (64, 64)
+class Colours:
+    """A map-style source of n flat pictures with 5 captions each; every `bad`-th index is a bad sample."""
+
+    def __init__(self, n=64, bad=0):
+        self.n, self.bad = n, bad
+
+    def __len__(self):
+        return self.n
+
+    def load(self, index):
+        if self.bad and index % self.bad == 0:
+            raise data.BadSample("corrupt_image", str(index))
+        return picture(index), [f"picture {index} caption {j}" for j in range(5)]
 
 
-def test_captions_are_short_and_name_the_label():
-    for i in range(500):
-        _, captions, label = data.synthetic_sample(0, "train", i)
-        colour, shape = data.CLASSNAMES[label].split()
-        for c in captions:
-            assert len(c.encode()) <= data.SYNTHETIC_SHAPE["context_length"] - 2  # never truncated
-            assert colour in c.split() and shape in c.replace(",", "").split()
-
-
-def _colour_mask(image, colour):
-    """Pixels nearest to `colour` among the palette and far from grey."""
-    x = np.asarray(image, dtype=np.float32)
-    saturated = x.max(-1) - x.min(-1) > 40
-    nearest = ((x[..., None, :] - COLOUR_RGB) ** 2).sum(-1).argmin(-1)
-    return saturated & (nearest == list(data.COLOURS).index(colour))
-
-
-def test_captions_describe_position_and_relation():
-    """Where the coloured pixels are agrees with the caption (grid cell, or left/right/above/below)."""
-    checked = 0
-    for i in range(300):
-        image, captions, _ = data.synthetic_sample(0, "train", i, image_size=48)
-        words = captions[0].split()
-        if "white" in words:
-            continue
-        if words[1] in data.COLOURS:  # two objects: "a c s rel [of] a c2 s2"
-            c1, c2 = words[1], words[-2]
-            if c1 == c2:
-                continue
-            ys1, xs1 = np.nonzero(_colour_mask(image, c1))
-            ys2, xs2 = np.nonzero(_colour_mask(image, c2))
-            dx, dy = xs1.mean() - xs2.mean(), ys1.mean() - ys2.mean()
-            expected = {"left": dx < -5, "right": dx > 5, "above": dy < -5, "below": dy > 5}[words[3]]
-            assert expected, captions[0]
-        else:
-            ys, xs = np.nonzero(_colour_mask(image, words[2]))
-            col, row = int(xs.mean() * 3 // 48), int(ys.mean() * 3 // 48)
-            assert data._POSITIONS[3 * row + col] in captions[0], captions[0]
-        checked += 1
-    assert checked > 150
-
-
-def test_raw_pixels_do_not_solve_zeroshot():
-    """Nearest neighbour on raw pixels, with labelled single-object pictures, is far from solving it."""
-    tf = data.eval_transform(32)
-    train = [data.synthetic_sample(0, "train", i, two_objects=False) for i in range(2000)]
-    test = [data.synthetic_sample(0, "zeroshot", i) for i in range(480)]
-    xa = torch.nn.functional.normalize(torch.stack([tf(im).flatten() for im, _, _ in train]), dim=1)
-    xb = torch.nn.functional.normalize(torch.stack([tf(im).flatten() for im, _, _ in test]), dim=1)
-    ya, yb = torch.tensor([y for _, _, y in train]), torch.tensor([y for _, _, y in test])
-    accuracy = (ya[(xb @ xa.T).argmax(1)] == yb).float().mean().item()
-    assert 1 / 48 < accuracy < 0.5
+def build(n=64, batch_size=8, workers=0, rank=0, world_size=1, captions_per_image=1, bad=0):
+    item = data.Item(data.train_transform(32), data.get_tokenizer("byte"), 24, captions_per_image)
+    return data.TrainData(data.Pairs(Colours(n, bad), item, seed=0), batch_size, workers, seed=0, rank=rank,
+                          world_size=world_size)
 
 
 # -----------------------------------------------------------------------------
@@ -90,7 +41,7 @@ def test_raw_pixels_do_not_solve_zeroshot():
 
 
 def test_eval_transform_is_resize_crop_normalise():
-    image, _, _ = data.synthetic_sample(0, "train", 0, image_size=40)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
     x = data.eval_transform(40)(image)
     ref = (torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255 - torch.tensor(data.MEAN)[:, None, None]) \
         / torch.tensor(data.STD)[:, None, None]
@@ -100,17 +51,17 @@ def test_eval_transform_is_resize_crop_normalise():
 
 
 # -----------------------------------------------------------------------------
-# training batches
+# map-style training batches
 
 
 def test_batches_shapes_and_steps():
-    td = build(num_samples=100, batch_size=8)
+    td = build(n=100, batch_size=8)
     assert td.num_samples == 100 and td.steps_per_epoch == 12
     batches = list(td.batches(0))
     assert len(batches) == 12
     images, tokens = batches[0]
     assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float32
-    assert tokens.shape == (8, 48) and tokens.dtype == torch.long
+    assert tokens.shape == (8, 24) and tokens.dtype == torch.long
     assert (tokens.argmax(-1) > 0).all() and dict(td.skipped) == {}
 
 
@@ -133,56 +84,46 @@ def test_ranks_split_each_global_batch():
     for t in range(8):
         assert torch.equal(torch.cat([parts[0][t][0], parts[1][t][0]]), whole[t][0])
         assert torch.equal(torch.cat([parts[0][t][1], parts[1][t][1]]), whole[t][1])
-    seen = torch.cat([torch.cat([b[0] for b in p]) for p in parts]).flatten(1)
+    seen = torch.cat([torch.cat([b[1][:, 9:11] for b in p]) for p in parts])  # the digits of "picture NN"
     assert torch.unique(seen, dim=0).shape[0] == 64  # every sample once per epoch
 
 
 def test_several_captions_per_image():
     images, tokens = next(build(captions_per_image=3).batches(0))
-    assert tokens.shape == (8, 3, 48)
+    assert tokens.shape == (8, 3, 24)
     for row in tokens:
-        assert len({tuple(t.tolist()) for t in row}) == 3  # three different paraphrases
-
-
-class _Flaky:
-    """A source where every third index is bad."""
-
-    def __len__(self):
-        return 30
-
-    def load(self, index):
-        if index % 3 == 0:
-            raise data.BadSample("corrupt_image", str(index))
-        return data.synthetic_sample(0, "train", index)[:2]
+        assert len({tuple(t.tolist()) for t in row}) == 3  # three different captions
 
 
 def test_bad_samples_are_replaced_and_counted():
-    ds = data.Pairs(_Flaky(), data.Item(data.eval_transform(32), data.get_tokenizer("byte"), 48), seed=0)
-    td = data.TrainData(ds, batch_size=5, workers=0, seed=0)
+    td = build(n=30, batch_size=5, bad=3)
     batches = list(td.batches(0))
     assert len(batches) == 6 and all(b[0].shape[0] == 5 for b in batches)
     assert td.skipped["corrupt_image"] >= 10  # each of the 10 bad indices was met at least once
-    expected = {tuple(data.get_tokenizer("byte")(data.synthetic_sample(0, "train", i)[1], 48)[j].tolist())
-                for i in range(30) if i % 3 for j in range(5)}
-    assert all(tuple(t.tolist()) in expected for b in batches for t in b[1])
+    good = {i for i in range(30) if i % 3}
+    assert all(int(bytes((t[9:11] - 1).tolist()).decode().strip()) in good for b in batches for t in b[1])  # byte ids: +1
 
 
 # -----------------------------------------------------------------------------
 # evaluation sets
 
 
-def test_eval_sets():
-    ev = evaluate.build_eval_sets("synthetic", tokenizer="byte", image_size=32, context_length=48)
+def test_synthetic_eval_sets_through_evaluate():
+    shape = data.default_shape("synthetic")
+    ev = evaluate.build_eval_sets("synthetic", tokenizer="byte", image_size=shape["image_size"],
+                                  context_length=shape["context_length"])
+    n, C, S = len(synthetic.CLASSNAMES), shape["context_length"], shape["image_size"]
     zs, rt = ev["zeroshot"], ev["retrieval"]
     labels = torch.cat([y for _, y in zs["batches"]])
-    assert torch.equal(torch.bincount(labels), torch.full((48,), 20))
-    assert zs["tokens"].shape == (48, len(zs["templates"]), 48) and len(zs["classnames"]) == 48
-    assert zs["batches"][0][0].shape[1:] == (3, 32, 32)
+    assert n >= 48 and torch.equal(torch.bincount(labels), torch.full((n,), 20))
+    assert zs["tokens"].shape == (n, len(zs["templates"]), C) and zs["classnames"] == synthetic.CLASSNAMES
     images = torch.cat([x for x, _ in rt["batches"]])
     tokens = torch.cat([t for _, t in rt["batches"]])
-    assert images.shape == (500, 3, 32, 32) and tokens.shape == (500, 3, 48)
-    train_first = data.eval_transform(32)(data.synthetic_sample(0, "train", 0)[0])
-    assert not torch.equal(images[0], train_first)  # held out
+    assert images.shape == (500, 3, S, S) and tokens.shape == (500, synthetic.FULL_CAPTIONS, C)
+    assert set(ev["probes"]["train"][1]) == set(synthetic.ATTRIBUTES)
+    only_retrieval = evaluate.build_eval_sets("cc3m.csv", tokenizer="byte", image_size=S, context_length=C,
+                                              val_data="synthetic")
+    assert set(only_retrieval) == {"retrieval"}
 
 
 # -----------------------------------------------------------------------------
@@ -191,8 +132,6 @@ def test_eval_sets():
 import io  # noqa: E402
 import json  # noqa: E402
 import tarfile  # noqa: E402
-
-from PIL import Image  # noqa: E402
 
 
 def solid(i, size=(40, 32), mode="RGB"):
@@ -455,7 +394,7 @@ def test_zeroshot_image_folder_and_templates(tmp_path):
                                    zeroshot_data=str(tmp_path / "zs"))
     assert default["zeroshot"]["templates"] == list(evaluate.SIMPLE_TEMPLATES)
     with pytest.raises(ValueError, match="no '{}'"):
-        evaluate.load_templates(["a photo"], data.TEMPLATES)
+        evaluate.load_templates(["a photo"], synthetic.TEMPLATES)
     with pytest.raises(ValueError, match="no class folders"):
         data.image_folder(str(tmp_path / "zs" / "dog"))
 

@@ -10,7 +10,9 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+import data
 import evaluate
+import synthetic
 import train
 import vit
 
@@ -233,15 +235,16 @@ def test_cli_writes_every_metric_of_probes_and_fine_tuning(tmp_path, monkeypatch
     run.mkdir()
     model = tiny_model()
     torch.save({"model": model.state_dict(), "config": model.cfg.to_dict()}, run / "checkpoint.pt")
-    probes = {"train": probe_split(100, 0, 32), "test": probe_split(50, 1, 32)}  # the synthetic set's, once it has them
+    probes = synthetic.build_eval_sets(data.get_tokenizer("byte"), probe_sizes=(100, 50), retrieval_size=10,
+                                       zeroshot_per_class=1)["probes"]  # the synthetic set's, fewer pictures
     monkeypatch.setattr(evaluate, "build_eval_sets", lambda source, **kw: {"probes": probes})
     out = tmp_path / "eval.json"
     metrics = evaluate.main(["--model", str(run), "--linear-probe", f"{train_dir},{test_dir}", "--finetune",
                              f"{train_dir},{test_dir}", "--finetune-epochs", "1", "--synthetic-probes", "--out",
                              str(out), "--device", "cpu", "--batch-size", "8"])
     assert set(metrics) == {"linear_probe_top1", "linear_probe_mean_per_class_recall", "linear_probe_weight_decay",
-                            "finetune_top1", "finetune_mean_per_class_recall", "probe_colour", "probe_position",
-                            "probe_noise", "probe_relation"}
+                            "finetune_top1", "finetune_mean_per_class_recall"} | \
+        {f"probe_{name}" for name in synthetic.ATTRIBUTES}
     assert metrics["linear_probe_top1"] == 1.0  # one-colour pictures: even a random tower's features tell them apart
     assert json.loads(out.read_text())["metrics"] == metrics
 
@@ -253,7 +256,6 @@ def test_cli_writes_every_metric_of_probes_and_fine_tuning(tmp_path, monkeypatch
     ("empty folder", "no class folders"),
     ("folder without images", "no images"),
     ("one folder", "TRAIN_DIR,TEST_DIR"),
-    ("no probe sets", "--synthetic-probes"),
     ("bpe model, no task", "--zeroshot DIR"),
     ("not a number", "--batch-size"),
     ("out is a folder", "is a folder"),
@@ -265,14 +267,13 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(case, culprit, tmp_pat
     bpe = case.startswith("bpe")
     model = tiny_model(vocab_size=49408, tokenizer="clip-bpe") if bpe else tiny_model()
     torch.save({"model": model.state_dict(), "config": model.cfg.to_dict()}, tmp_path / "model.pt")
-    monkeypatch.setattr(evaluate, "build_eval_sets", lambda source, **kw: {})  # a synthetic set without probes
+    monkeypatch.setattr(evaluate, "build_eval_sets", lambda source, **kw: {})  # no sets needed to fail
     argv = {"no model": ["--model", "/nonexistent/model.pt"],
             "classes differ": ["--linear-probe", f"{train_dir},{other}"],
             "classes differ, fine-tuning": ["--finetune", f"{train_dir},{other}"],
             "empty folder": ["--zeroshot", str(tmp_path / "empty")],
             "folder without images": ["--linear-probe", f"{train_dir},{tmp_path / 'bare'}"],
             "one folder": ["--finetune", train_dir],
-            "no probe sets": ["--synthetic-probes"],
             "bpe model, no task": [],
             "not a number": ["--batch-size", "many"],
             "out is a folder": ["--zeroshot", "synthetic", "--out", str(tmp_path)]}[case]
