@@ -220,7 +220,7 @@ def report(stages, ledger_rows, totals, results=None, twins=None):
     """report.json's content and report.md's text; ledger_rows, totals: ledger(); results / twins: train()'s metrics of
     the chain / the baselines."""
     def measured(r):
-        return {k: v for k, v in r.items() if k == "wall_time_s" or k.startswith(("zeroshot", "i2t", "t2i"))}
+        return {k: v for k, v in r.items() if k == "wall_time_s" or k.startswith(("zeroshot", "i2t", "t2i", "probe_"))}
 
     def cells(d, keys):
         return [f"{100 * d[k]:.1f}%" if k in d else "-" for k in keys]
@@ -251,6 +251,13 @@ def report(stages, ledger_rows, totals, results=None, twins=None):
             spent = sum(r["train_flops"] for r in rows[:i + 1])
             md.append(f"| {row['size']} | {spent:.3g} / {alone:.3g} | " + " | ".join(
                 f"{a} / {b}" for a, b in zip(cells(row, METRICS), cells(row["alone"], METRICS))) + " |")
+    probes = [k for k in rows[0] if k.startswith("probe_")] if results else []
+    if probes:  # the synthetic set's attribute probes: what each image tower knows, beyond the zero-shot task
+        md += ["\nLinear probes of the image features, top-1 per attribute" + (" (chain / alone)" if twins else "") +
+               ":\n", "| size | " + " | ".join(k[6:] for k in probes) + " |", "|" + " --- |" * (1 + len(probes))]
+        for row in rows:
+            pairs = zip(cells(row, probes), cells(row["alone"], probes)) if twins else ((a,) for a in cells(row, probes))
+            md.append(f"| {row['size']} | " + " | ".join(" / ".join(p) for p in pairs) + " |")
     return {"stages": rows, "totals": totals}, "\n".join(md) + "\n"
 
 

@@ -272,9 +272,15 @@ class Log:
              always=False)
 
 
-def evaluate_and_log(model, eval_sets, device, precision, log, step, epoch):
-    """Rank 0 evaluates; the others wait for its metrics, which every rank returns."""
-    metrics = runtime.from_rank0(evaluate.evaluate(model, eval_sets, device, precision) if log.enabled else None)
+def evaluate_and_log(model, eval_sets, device, precision, log, step, epoch, final=False):
+    """Rank 0 evaluates; the others wait for its metrics, which every rank returns. The final evaluation adds the
+    attribute probes of the synthetic set (probe_<attribute>: what the image tower knows)."""
+    def measure():
+        metrics = evaluate.evaluate(model, eval_sets, device, precision)
+        if final and "probes" in eval_sets:
+            metrics.update(evaluate.attribute_probes(model, eval_sets["probes"], device, precision))
+        return metrics
+    metrics = runtime.from_rank0(measure() if log.enabled else None)
     log({"step": step, "epoch": epoch, **metrics}, f"step {step} eval: " + (
         " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) or "no eval sets (see --zeroshot-data, --val-data)"))
     return metrics
@@ -394,7 +400,7 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
     if rank == 0:  # the model as an open_clip local-dir, beside the checkpoint
         interop.export_open_clip(model, model.cfg, os.path.join(out_dir, "open_clip"))
     # after the writes: once train() returns, every rank can read them
-    metrics = evaluate_and_log(model, eval_sets, device, precision, log, step, step / steps_per_epoch)
+    metrics = evaluate_and_log(model, eval_sets, device, precision, log, step, step / steps_per_epoch, final=True)
     skipped = sum(runtime.all_ranks(train_data.skipped), Counter())  # bad samples met, by kind, on all ranks
     return {"step": step, "num_samples": train_data.num_samples, "samples_seen": step * settings.batch_size * world_size,
             "wall_time_s": wall_time + time.time() - t_start, **losses, **metrics, "skipped": dict(skipped)}

@@ -22,15 +22,17 @@ CC3M = ["--data", "cc3m.csv", "--num-samples", "2905954", "--batch-size", "1024"
 
 @pytest.fixture
 def small_eval(monkeypatch):
-    # the synthetic eval sets, built once and cut to 48 zero-shot pictures and 48 retrieval ones
+    # the synthetic eval sets, built once and cut to 48 zero-shot pictures, 48 retrieval ones and 64 + 64 for the probes
     real, cache = evaluate.build_eval_sets, {}
 
     def first_batch(*args, **kwargs):
         key = repr((args, sorted(kwargs.items())))
         if key not in cache:
             cache[key] = real(*args, **{**kwargs, "batch_size": 48})
-            for s in cache[key].values():
-                if "batches" in s:
+            for name, s in cache[key].items():
+                if name == "probes":  # 64 pictures to fit, 64 to test
+                    cache[key][name] = {k: (x[:64], {a: y[:64] for a, y in labels.items()}) for k, (x, labels) in s.items()}
+                else:
                     s["batches"] = s["batches"][:1]
         return cache[key]
     monkeypatch.setattr(evaluate, "build_eval_sets", first_batch)
@@ -125,8 +127,10 @@ def test_chain_trains_resumes_and_refuses_another_command(tmp_path, monkeypatch,
     with open(os.path.join(out, "report.json")) as f:
         report = json.load(f)
     assert [s["size"] for s in report["stages"]] == SIZES.split(",")
-    assert all("zeroshot_top1" in s and "wall_time_s" in s for s in report["stages"])
-    assert os.path.exists(os.path.join(out, "report.md"))
+    probes = {f"probe_{a}" for a in synthetic.ATTRIBUTES}  # on the synthetic set: what each image tower knows
+    assert all({"zeroshot_top1", "wall_time_s"} | probes <= set(s) for s in report["stages"])
+    with open(os.path.join(out, "report.md")) as f:
+        assert "| size | " + " | ".join(synthetic.ATTRIBUTES) + " |" in f.read()
     weights = torch.load(os.path.join(out, dirs[2], "checkpoint.pt"), weights_only=True)["model"]
 
     calls, real_train = [], train.train
