@@ -265,7 +265,8 @@ def linear_probe(train_features, train_labels, test_features, test_labels, *, we
 def attribute_probes(model, probe_sets, device, precision="", batch_size=256, **probe_args):
     """Linear-probe top-1 of the frozen image tower for each attribute of the probe sets, as probe_<attribute>:
     {"train": (images [N,3,H,W], {attribute: labels long [N]}), "test": (images [M,3,H,W], {attribute: labels [M]})}.
-    A label < 0 (an attribute a picture does not have) leaves that picture out of that attribute's probe."""
+    A label < 0 (an attribute a picture does not have) leaves that picture out of that attribute's probe, and an
+    attribute no picture has is left out."""
     names, features = list(probe_sets["train"][1]), []
     for split in ("train", "test"):
         images, labels = probe_sets[split]
@@ -278,6 +279,8 @@ def attribute_probes(model, probe_sets, device, precision="", batch_size=256, **
     out = {}
     for j, name in enumerate(names):
         fit, test = train_y[:, j] >= 0, test_y[:, j] >= 0
+        if not fit.any() or not test.any():  # no picture has it (e.g. relations in a set without two objects)
+            continue
         result = linear_probe(train_x[fit], train_y[fit, j], test_x[test], test_y[test, j], device=device, **probe_args)
         out[f"probe_{name}"] = result["top1"]
     return out

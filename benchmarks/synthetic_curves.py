@@ -9,8 +9,10 @@ image size, patch, context, byte tokenizer). Prints a table; writes OUT/SIZE.jso
 
     python benchmarks/synthetic_curves.py --size cpu-tiny --steps 1000 --eval-every 250     # about a minute, 1 thread
     python benchmarks/synthetic_curves.py --size cpu-base --steps 5000 --eval-every 1000
+    python benchmarks/synthetic_curves.py --set TILTED=0 --out runs/upright       # another design of the set
 """
 import argparse
+import ast
 import os
 import sys
 import time
@@ -99,7 +101,14 @@ def main():
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--precision", default="", help="fp32, bf16 or fp16 autocast (default: train.py's for the device)")
     parser.add_argument("--out", default="runs/synthetic_curves", help="output folder of SIZE.json")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="another design of the set: a constant of synthetic.py, e.g. TILTED=0 or TWO_OBJECTS=0.5")
     args = parser.parse_args()
+    for assignment in args.set:
+        name, _, value = assignment.partition("=")
+        if not hasattr(synthetic, name) or not name.isupper():
+            parser.error(f"--set {assignment}: synthetic.py has no constant {name}")
+        setattr(synthetic, name, ast.literal_eval(value))
     torch.set_num_threads(args.threads)
     t0 = time.time()
     records = run(args.size, args.steps, args.eval_every, args.seed, args.batch_size, args.lr, args.warmup,

@@ -187,6 +187,8 @@ def test_attribute_probes_read_each_attribute_from_shared_features():
     assert set(out) == {"probe_colour", "probe_position", "probe_noise", "probe_relation"}
     assert out["probe_colour"] == out["probe_position"] == out["probe_relation"] == 1.0
     assert abs(out["probe_noise"] - 0.25) < 0.12  # 200 test pictures: sd 0.03
+    unset = {k: (x, dict(labels, relation=torch.full_like(labels["relation"], -1))) for k, (x, labels) in probes.items()}
+    assert "probe_relation" not in evaluate.attribute_probes(Pixels(), unset, "cpu", batch_size=64)  # no picture has one
     with pytest.raises(ValueError, match=r"test split's attributes \[\] are not \['colour', 'noise', 'position',"):
         evaluate.attribute_probes(Pixels(), {"train": probes["train"], "test": (probes["test"][0], {})}, "cpu")
 
