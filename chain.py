@@ -39,7 +39,7 @@ OFFICIAL_WARMUP = (8000, 1000)       # steps: the smallest model, every grown on
 CC3M_STEPS_PER_EPOCH = 2_905_954 // 1024  # the official global batch, 8 GPUs x 128
 OFFICIAL_LR = 1e-3
 MIN_WARMUP = 50  # ~1 / (1 - beta2) steps: AdamW's second-moment estimate needs about that long to settle
-SYNTHETIC_FIRST_STEPS = 200  # the smallest model's steps on the synthetic set (tiny,small,base: minutes on 2 CPU cores)
+SYNTHETIC_FIRST_STEPS = 500  # the smallest model's steps on the synthetic set (tiny,small,base: under 10 min on 2 CPU cores)
 DEFAULTS = dict(batch_size=32)  # the chain's own defaults for train.py's flags
 PER_STAGE = ("epochs", "steps", "warmup", "lr", "resume")  # train.Settings fields the chain sets per stage
 RUNTIME = ("device", "workers", "eval_every", "save_every", "log_every", "grad_checkpointing", "compile")  # free on resume
