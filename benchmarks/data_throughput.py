@@ -88,8 +88,7 @@ def main():
         shards = os.path.join(root, "{00000..%05d}.tar" % ((args.images - 1) // 256))
         for name, source in (("img2dataset shards", shards), ("CSV + files", os.path.join(root, "train.tsv"))):
             print(f"{name:20s} {rate(source, args, image_size=args.image_size):7.0f} images/s")
-        synthetic = rate("synthetic", args, image_size=32, num_samples=args.images)
-        print(f"{'synthetic (32 px)':20s} {synthetic:7.0f} images/s")
+    print("(the synthetic set: benchmarks/synthetic_speed.py)")
 
 
 if __name__ == "__main__":
