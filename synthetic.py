@@ -63,7 +63,7 @@ SHAPES_IN_ORDER = tuple(SHAPES)
 SIZES = ("small", "big")
 RADII = ((0.16, 0.18), (0.22, 0.245))  # object radius range per size, in image widths (32 px: 5.1-5.8, 7.0-7.8)
 LATTICE = (0.25, 0.5, 0.75)            # where objects sit: corners of the 4 x 4 patch grid
-JITTER = 0.0                           # of an object's place, either way, in image widths
+JITTER = 0.0                           # a turned object's shift off its lattice point, either way, in image widths
 POSITIONS = ("top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right")
 RELATIONS = ("left of", "right of", "above", "below")
 ZEROSHOT_SIZE = 1      # zero-shot pictures hold one big object
@@ -166,7 +166,7 @@ def scene(seed, split, index):
     row = torch.where(two[:, None], row, (point // 3)[:, None])
     position = row * 3 + col
     lattice = torch.tensor(LATTICE, device=device)
-    tossed = u[:, 27:29] < TILTED  # (B, 2) any angle, and off the lattice; the others upright on it
+    tossed = u[:, 27:29] < TILTED  # (B, 2) turned by any angle (and shifted by up to JITTER); the others upright
     cx = lattice[col] + JITTER * (2 * u[:, 12:14] - 1) * tossed
     cy = lattice[row] + JITTER * (2 * u[:, 14:16] - 1) * tossed
     angle = (2 * u[:, 16:18] - 1) * math.pi * tossed
