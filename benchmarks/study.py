@@ -1,7 +1,7 @@
 """
 The paper's claims, measured: models of a chain against the same models trained alone, on the synthetic set.
 
-    python benchmarks/study.py                  # the CPU configuration (cpu-* sizes), about 90 min on 2 cores
+    python benchmarks/study.py                  # the CPU configuration (cpu-* sizes), about 1 hour on 2 cores
     python benchmarks/study.py --config gpu     # tiny, small, base, for a GPU
     python benchmarks/study.py --report         # only rewrite results/ from the trainings already finished
 
@@ -323,7 +323,7 @@ def ablation_part(config, jobs, parts, results):
     probes = sorted({k for r in results.values() for k in r if k.startswith("probe_")})
     md, summary = [], {}
     for tag, key_ in parts["ablation"]:
-        names = seeds_of(jobs, key_)
+        names = [n for n in seeds_of(jobs, key_) if jobs[n].seed in config.ablation_seeds]  # the method ran on more
         values = {m: statistics.mean(measure(results[n], m) for n in names) for m in METRICS}
         values.update({p: statistics.mean(100 * results[n][p] for n in names) for p in probes})
         summary[tag] = values
