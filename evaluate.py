@@ -52,18 +52,18 @@ def load_templates(templates, default):
 
 def build_eval_sets(source="synthetic", *, tokenizer, image_size, context_length, zeroshot_data=None,
                     val_data=None, templates=None, data_root=None, csv_img_key="filepath", csv_caption_key="title",
-                    caption_sep=None, captions_per_image=1, batch_size=256, workers=0, seed=0):
+                    caption_sep=None, captions_per_image=1, batch_size=256, workers=0, seed=0, probes=4000):
     """Evaluation sets, as a dict (an absent key means no such evaluation):
 
     "zeroshot": dict(batches=iterable of (images [b,3,H,W], labels long [b]), classnames=[n names],
                      templates=[t prompts with "{}"], tokens=long [n, t, C])  (the prompts, tokenized)
     "retrieval": dict(batches=iterable of (images [b,3,H,W], tokens long [b, k, C]))  (k captions per
                      image; caption j of image i matches image i only)
-    "probes": (synthetic source only) the attribute probe sets of evaluate.attribute_probes
+    "probes": (synthetic source only) the attribute probe sets of evaluate.attribute_probes: `probes` pictures to
+              fit, half as many to score (none for probes=0)
 
     Synthetic source (or val_data "synthetic"): synthetic.build_eval_sets, held out from training (other splits of its
-    generator), in memory: 20 pictures per zero-shot class, 500 retrieval pictures with 3 captions each, probe sets
-    of 4000 / 2000 pictures. zeroshot_data: an ImageFolder (prompts SIMPLE_TEMPLATES, or `templates`: a list or a
+    generator), in memory: 20 pictures per zero-shot class, 500 retrieval pictures with 3 captions each, the probe sets. zeroshot_data: an ImageFolder (prompts SIMPLE_TEMPLATES, or `templates`: a list or a
     file); val_data: any caption source, with k = captions_per_image. Real sets are EvalBatches, read from disk at
     each pass (iterate them once per evaluation), with bad samples left out and counted in .skipped.
     """
@@ -71,7 +71,8 @@ def build_eval_sets(source="synthetic", *, tokenizer, image_size, context_length
         tokenizer = data.get_tokenizer(tokenizer)
     sets = {}
     if source == "synthetic" or val_data == "synthetic":
-        own = synthetic.build_eval_sets(tokenizer, context_length, image_size, seed, batch_size)
+        own = synthetic.build_eval_sets(tokenizer, context_length, image_size, seed, batch_size,
+                                        probe_sizes=(probes, probes // 2))
         sets = own if source == "synthetic" else {"retrieval": own["retrieval"]}
         if templates and "zeroshot" in sets:  # other prompts for the synthetic classes
             templates = load_templates(templates, ())

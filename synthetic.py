@@ -419,7 +419,8 @@ def build_eval_sets(tokenizer, context_length=CONTEXT_LENGTH, image_size=IMAGE_S
     "zeroshot": dict(batches=[(images [b,3,H,W], labels long [b])], classnames, templates, tokens long [n, t, C])
     "retrieval": dict(batches=[(images [b,3,H,W], tokens long [b, k, C])]), k = FULL_CAPTIONS
     "probes": dict(train=(images [n,3,H,W], {attribute: labels long [n]}), test=(...)), the linear probes'
-              sets (evaluate.attribute_probes); a label is -1 where the attribute does not apply to the picture
+              sets (evaluate.attribute_probes); a label is -1 where the attribute does not apply to the picture;
+              absent when a probe size is 0
     """
     sets = {}
     n = zeroshot_per_class * len(CLASSNAMES)
@@ -433,8 +434,9 @@ def build_eval_sets(tokenizer, context_length=CONTEXT_LENGTH, image_size=IMAGE_S
     captions = Captions(tokenizer, context_length, device)
     tokens = torch.stack([captions(attrs, torch.full_like(attrs["count"], j)) for j in range(FULL_CAPTIONS)], 1)
     sets["retrieval"] = dict(batches=list(zip(images.split(batch_size), tokens.split(batch_size))))
-    sets["probes"] = {}
-    for part, size in zip(("train", "test"), probe_sizes):
-        images, attrs = pictures(seed, f"probe-{part}", size, image_size, device)
-        sets["probes"][part] = (images, probe_labels(attrs))
+    if min(probe_sizes) > 0:
+        sets["probes"] = {}
+        for part, size in zip(("train", "test"), probe_sizes):
+            images, attrs = pictures(seed, f"probe-{part}", size, image_size, device)
+            sets["probes"][part] = (images, probe_labels(attrs))
     return sets

@@ -64,6 +64,8 @@ class Settings:
     val_data: str = flag("", "retrieval set: synthetic or a source of the --data kinds (synthetic data: its own)")
     templates: str = flag("", "file of zero-shot prompts, one a line with {} for the class name (default: 7 "
                           "open_clip prompts for --zeroshot-data, 3 for synthetic)")
+    probes: int = flag(4000, "synthetic data: pictures that fit the linear probes of its attributes at the end of a run "
+                       "(half as many score them; 0: no probes)")
     bpe: str = flag("", "CLIP BPE vocabulary file (bpe_simple_vocab_16e6.txt.gz) for --tokenizer clip-bpe")
     workers: int = flag(0, "data loading processes (0: load in the training process)")
     # optimisation
@@ -317,7 +319,8 @@ def build_data(settings, cfg, rank, world_size, device="cpu"):
     eval_sets = evaluate.build_eval_sets(settings.data, **shape, **source_args(settings),
                                          zeroshot_data=settings.zeroshot_data or None,
                                          val_data=settings.val_data or None,
-                                         templates=settings.templates or None) if rank == 0 else {}
+                                         templates=settings.templates or None,
+                                         probes=settings.probes) if rank == 0 else {}
     return train_data, eval_sets
 
 

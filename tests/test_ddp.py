@@ -51,7 +51,7 @@ def one_step(rank=0, world=1):
 
 def settings(**kw):  # 32 samples: 4 steps of a global batch of 8
     return train.Settings(**{**dict(steps=4, batch_size=B, warmup=2, num_samples=32, device="cpu", precision="fp32",
-                                    save_every=2, log_every=1, eval_every=0), **kw})  # fp32: compared to 1e-4
+                                    save_every=2, log_every=1, eval_every=0, probes=0), **kw})  # fp32: compared to 1e-4
 
 
 class Interrupt(Exception):
@@ -102,7 +102,7 @@ def worker(rank, port, tmp):
         saw["chain"] = chain.main(["--sizes", "cpu-tiny,cpu-small", "--steps", "2,2", "--batch-size", str(B),
                                    "--num-samples", "32", "--image-size", "32", "--patch-size", "16",
                                    "--context-length", "16", "--device", "cpu", "--precision", "fp32", "--eval-every", "0",
-                                   "--out", os.path.join(tmp, "chain")])
+                                   "--probes", "0", "--out", os.path.join(tmp, "chain")])
         torch.save(saw, os.path.join(tmp, f"rank{rank}.pt"))
     finally:
         runtime.destroy_distributed()

@@ -216,7 +216,7 @@ def test_finetune_improves_over_the_initial_head_and_leaves_the_model_alone(tmp_
 
 def test_cli_on_an_open_clip_export_gives_train_pys_numbers(tmp_path, capsys):
     model = tiny_model()
-    settings = train.Settings(steps=2, batch_size=8, warmup=1, num_samples=16, device="cpu", eval_every=0)
+    settings = train.Settings(steps=2, batch_size=8, warmup=1, num_samples=16, device="cpu", eval_every=0, probes=0)
     result = train.train(model, settings, str(tmp_path / "run"))
     capsys.readouterr()  # train's output
     export, out = str(tmp_path / "run" / "open_clip"), tmp_path / "eval" / "metrics.json"

@@ -24,7 +24,7 @@ import vit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--image-size", "32", "--patch-size", "16", "--context-length", "16", "--batch-size", "8",
-        "--num-samples", "32", "--device", "cpu", "--log-every", "1", "--eval-every", "0"]
+        "--num-samples", "32", "--device", "cpu", "--log-every", "1", "--eval-every", "0", "--probes", "0"]
 SMALL_CHAIN = ["--sizes", "cpu-tiny,cpu-small", "--steps", "6,4", "--save-every", "1", *FAST]
 TINY = dict(image_size=32, patch_size=16, context_length=16, vocab_size=259, tokenizer="byte")
 
@@ -55,7 +55,7 @@ def one_line_error(main, argv, capsys, status=2):
 
 
 def test_a_finished_run_resumed_still_reports_its_final_losses(tmp_path):
-    settings = train.Settings(steps=3, batch_size=8, warmup=1, num_samples=32, device="cpu", eval_every=0)
+    settings = train.Settings(steps=3, batch_size=8, warmup=1, num_samples=32, device="cpu", eval_every=0, probes=0)
     first = train.train(tiny_model(), settings, str(tmp_path))  # as if killed after its last checkpoint
     again = train.train(tiny_model(), settings, str(tmp_path))  # nothing left to train
     for key in ("loss", "clip_loss"):

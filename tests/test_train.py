@@ -28,7 +28,7 @@ def tiny_model(seed=0, **overrides):
 
 def tiny_settings(**overrides):
     return train.Settings(**{**dict(steps=4, batch_size=8, warmup=2, lr=1e-3, num_samples=64, device="cpu",
-                                    precision="fp32", save_every=2, log_every=1), **overrides})
+                                    precision="fp32", save_every=2, log_every=1, probes=0), **overrides})
 
 
 def batch(cfg, n=8, seed=0):
@@ -305,7 +305,7 @@ def test_cli_grows_from_an_open_clip_style_checkpoint_and_distils_towards_it(tmp
     out = tmp_path / "big"
     train.main(["--size", "cpu-small", "--init-from", str(path), "--teacher", str(path), "--out", str(out),
                 "--steps", "2", "--batch-size", "8", "--num-samples", "16", "--lr", "1e-12", "--eval-every", "0", "--log-every", "1",
-                "--device", "cpu", "--precision", "fp32", "--seed", "7"])
+                "--device", "cpu", "--precision", "fp32", "--seed", "7", "--probes", "0"])
     # the data shape came from the checkpoint; the start was the lossless growth (function-preserving), so with
     # a vanishing lr the student still computes its teacher's features: FD ~ 0
     cfg = vit.CLIPConfig.from_dict(json.load(open(out / "config.json"))["model"])
