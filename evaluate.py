@@ -71,9 +71,11 @@ def build_eval_sets(source="synthetic", *, tokenizer, image_size, context_length
         tokenizer = data.get_tokenizer(tokenizer)
     sets = {}
     if source == "synthetic" or val_data == "synthetic":
+        whole = source == "synthetic"  # else only its retrieval set
         own = synthetic.build_eval_sets(tokenizer, context_length, image_size, seed, batch_size,
-                                        probe_sizes=(probes, probes // 2))
-        sets = own if source == "synthetic" else {"retrieval": own["retrieval"]}
+                                        zeroshot_per_class=20 if whole else 0,
+                                        probe_sizes=(probes, probes // 2) if whole else (0, 0))
+        sets = own if whole else {"retrieval": own["retrieval"]}
         if templates and "zeroshot" in sets:  # other prompts for the synthetic classes
             templates = load_templates(templates, ())
             prompts = tokenizer([t.format(c) for c in synthetic.CLASSNAMES for t in templates], context_length)
