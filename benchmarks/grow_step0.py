@@ -20,7 +20,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import data  # noqa: E402
+import evaluate  # noqa: E402
 import grow  # noqa: E402
+import runtime  # noqa: E402
 import train  # noqa: E402
 import vit  # noqa: E402
 from clip_loss import clip_loss  # noqa: E402
@@ -43,7 +45,7 @@ device = runtime.pick_device(args.device)
 torch.manual_seed(args.seed)
 small = vit.CLIP(small_cfg)
 settings = train.Settings(steps=args.steps, batch_size=args.batch_size, seed=args.seed, device=args.device,
-                          eval_every=0, save_every=0, log_every=100)
+                          eval_every=0, save_every=0, log_every=100, probes=0)
 train.train(small, settings, os.path.join(args.out, args.small))  # resumes (and so skips) a finished run
 
 torch.manual_seed(args.seed + 1)
@@ -62,7 +64,8 @@ for name, model in models.items():
     with torch.no_grad():
         batches = eval_sets["retrieval"]["batches"]
         loss = sum(clip_loss(*model(x.to(device), t[:, 0].to(device))).item() * len(x) for x, t in batches)
-    results[name] = {"clip_loss": loss / sum(len(x) for x, _ in batches), **evaluate.evaluate(model, eval_sets, device)}
+    results[name] = {"clip_loss": loss / sum(len(x) for x, _ in batches),
+                     **evaluate.evaluate(model, eval_sets, device, "fp32")}  # fp32: lossless growth is exact
 
 columns = ["clip_loss", "zeroshot_top1", "zeroshot_top5", "i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5"]
 print(f"\nstep 0 after growth; predecessor trained {args.steps} steps x {args.batch_size} (seed {args.seed})\n")
