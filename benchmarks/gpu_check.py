@@ -30,6 +30,7 @@ import torch
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 import interop  # noqa: E402
+import runtime  # noqa: E402
 import train  # noqa: E402
 import vit  # noqa: E402
 
