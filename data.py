@@ -472,6 +472,11 @@ class TrainData:
             dataset.batch_size, dataset.rank, dataset.steps = batch_size, rank, self.steps_per_epoch
         self.skipped = Counter()
 
+    @property
+    def sharded(self):
+        """Whether the batch order depends on the number of workers (tar shards are read in sequence)."""
+        return isinstance(self.dataset, ShardStream)
+
     def _order(self, epoch):
         g = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, epoch]).integers(2**62)))
         n = len(self.dataset)
@@ -505,10 +510,10 @@ def build_train_data(source, *, tokenizer, image_size, context_length, batch_siz
     into several captions."""
     if isinstance(tokenizer, str):
         tokenizer = get_tokenizer(tokenizer)
-    item = Item(train_transform(image_size), tokenizer, context_length, captions_per_image)
     if source == "synthetic":  # drawn in batches on the training device
         return synthetic.TrainData(num_samples or synthetic.NUM_SAMPLES, batch_size, seed, rank, world_size,
                                    tokenizer, context_length, image_size, device, captions_per_image)
+    item = Item(train_transform(image_size), tokenizer, context_length, captions_per_image)
     src = open_source(source, image_size=image_size, data_root=data_root, csv_img_key=csv_img_key,
                       csv_caption_key=csv_caption_key, caption_sep=caption_sep)
     if len(src) == 0:

@@ -50,6 +50,12 @@ def load_templates(templates, default):
     return templates
 
 
+def prompt_tokens(tokenizer, classnames, templates, context_length):
+    """Every template filled with every class name, tokenized: long [classes, templates, C]."""
+    prompts = tokenizer([t.format(c) for c in classnames for t in templates], context_length)
+    return prompts.view(len(classnames), len(templates), context_length)
+
+
 def build_eval_sets(source="synthetic", *, tokenizer, image_size, context_length, zeroshot_data=None,
                     val_data=None, templates=None, data_root=None, csv_img_key="filepath", csv_caption_key="title",
                     caption_sep=None, captions_per_image=1, batch_size=256, workers=0, seed=0, probes=4000):
@@ -63,9 +69,10 @@ def build_eval_sets(source="synthetic", *, tokenizer, image_size, context_length
               fit, half as many to score (none for probes=0)
 
     Synthetic source (or val_data "synthetic"): synthetic.build_eval_sets, held out from training (other splits of its
-    generator), in memory: 20 pictures per zero-shot class, 500 retrieval pictures with 3 captions each, the probe sets. zeroshot_data: an ImageFolder (prompts SIMPLE_TEMPLATES, or `templates`: a list or a
-    file); val_data: any caption source, with k = captions_per_image. Real sets are EvalBatches, read from disk at
-    each pass (iterate them once per evaluation), with bad samples left out and counted in .skipped.
+    generator), in memory: 20 pictures per zero-shot class, 500 retrieval pictures with 3 captions each, the probe
+    sets. zeroshot_data: an ImageFolder (prompts SIMPLE_TEMPLATES, or `templates`: a list or a file); val_data: any
+    caption source, with k = captions_per_image. Real sets are EvalBatches, read from disk at each pass (iterate them
+    once per evaluation), with bad samples left out and counted in .skipped.
     """
     if isinstance(tokenizer, str):
         tokenizer = data.get_tokenizer(tokenizer)
@@ -78,17 +85,15 @@ def build_eval_sets(source="synthetic", *, tokenizer, image_size, context_length
         sets = own if whole else {"retrieval": own["retrieval"]}
         if templates and "zeroshot" in sets:  # other prompts for the synthetic classes
             templates = load_templates(templates, ())
-            prompts = tokenizer([t.format(c) for c in synthetic.CLASSNAMES for t in templates], context_length)
             sets["zeroshot"] = dict(sets["zeroshot"], templates=templates,
-                                    tokens=prompts.view(len(synthetic.CLASSNAMES), len(templates), context_length))
+                                    tokens=prompt_tokens(tokenizer, synthetic.CLASSNAMES, templates, context_length))
     if zeroshot_data:
         folder, classnames = data.image_folder(zeroshot_data, image_size)
         templates = load_templates(templates, SIMPLE_TEMPLATES)
-        prompts = tokenizer([t.format(c) for c in classnames for t in templates], context_length)
         sets["zeroshot"] = dict(batches=data.EvalBatches(data.EvalItems(folder, data.eval_transform(image_size)),
                                                          batch_size, workers),
                                 classnames=list(classnames), templates=templates,
-                                tokens=prompts.view(len(classnames), len(templates), context_length))
+                                tokens=prompt_tokens(tokenizer, classnames, templates, context_length))
     if val_data and val_data != "synthetic":
         src = data.open_source(val_data, image_size=image_size, data_root=data_root, csv_img_key=csv_img_key,
                           csv_caption_key=csv_caption_key, caption_sep=caption_sep)

@@ -367,6 +367,7 @@ class TrainData:
                              f"lower --batch-size or raise --num-samples")
         self.captions = Captions(tokenizer, context_length, self.device)
         self.skipped = Counter()  # never a bad sample here; kept for the interface of data.TrainData
+        self.sharded = False  # the batch order never depends on workers (data.TrainData's interface)
 
     def order(self, epoch):
         """The permutation of the epoch: pictures sorted by a hash of (seed, epoch, index)."""

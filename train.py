@@ -357,7 +357,7 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
     resume = {"auto": ckpt_path if os.path.exists(ckpt_path) else None, "none": None}.get(settings.resume,
                                                                                            settings.resume)
     step, wall_time, losses = load_checkpoint(resume, model, optimizer, distill, settings, device, scaler, world_size,
-                                              sharded=isinstance(getattr(train_data, "dataset", None), data.ShardStream)) \
+                                              sharded=train_data.sharded) \
         if resume else (0, 0.0, {})
     if world_size > 1:  # one wrapper for the student and its projector: their gradients are averaged over the ranks
         objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
