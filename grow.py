@@ -53,9 +53,11 @@ A GPT-style causal LM is the text tower. Give configs without vision_* fields, e
 text_layers=n_layer, text_heads=n_head, context_length=block_size, vocab_size=V, embed_dim=V), and rename
 wte -> token_embedding.weight, wpe -> positional_embedding, h.{i}.{ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc,
 mlp.c_proj} -> transformer.resblocks.{i}.{ln_1, attn.in_proj_*, attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj},
-ln_f -> ln_final, lm_head.weight.T -> text_projection (LayerNorms and linears with biases). A tied head
-(lm_head is wte) breaks the rule for text_projection: tie the head to the grown token_embedding, whose logits are
-k a times too large, and divide ln_final's weight and bias on the copies by k a to compensate.
+ln_f -> ln_final, lm_head.weight.T -> text_projection (LayerNorms and linears with biases; Hugging Face's Conv1D
+stores c_attn, c_proj and c_fc weights as (in, out): transpose them). A tied head (lm_head is wte) breaks the rule
+for text_projection: tie the head to the grown token_embedding, whose logits are k a times too large, and divide
+ln_final's weight and bias on the copies by k a to compensate. grow_recipes.py does all this for timm's
+VisionTransformer and Hugging Face's CLIPModel and GPT2LMHeadModel, tested through their own forward passes.
 """
 
 import math
