@@ -9,9 +9,9 @@ transformer.resblocks.{i}.(the same), ln_final, text_projection, logit_scale. A 
 visual.proj and text_projection: (width, embed_dim), used as x @ proj. Each section below is a key map (a list of
 (their name, open_clip's name) templates, read both ways), a config translation to grow.py's fields, and one
 grow_<library>(small, big) that returns big's grown state dict; its docstring says where the library breaks an
-exactness rule and what is done about it. Copy a section with grow.py. Imports: torch and grow.py only (timm and
-transformers are needed by the models passed in, never here). tests/test_grow_recipes.py pins each recipe through the
-library's own forward pass.
+exactness rule and what is done about it. To copy one, take grow.py, the helpers up to the first section and that
+section. Imports: torch and grow.py only (timm and transformers are needed by the models passed in, never here).
+tests/test_grow_recipes.py pins each recipe through the library's own forward pass.
 
 For all three:
   - grow keeps the head dim at 64 and one MLP ratio: width = 64 x heads in every model, and MLP width / width the
