@@ -29,21 +29,13 @@ import torch
 import data
 import grow
 import interop
+import recipe
 import runtime
 import train
 import vit
 from distill import FeatureDistill
 
-OFFICIAL_EPOCHS = (128, 24, 16, 16)  # training_script/cc3m_vit: tiny from scratch, then small, base, large
-OFFICIAL_WARMUP = (8000, 1000)       # steps: the smallest model, every grown one
-CC3M_STEPS_PER_EPOCH = 2_905_954 // 1024  # the official global batch, 8 GPUs x 128
-OFFICIAL_LR = 1e-3
-MIN_WARMUP = 50  # ~1 / (1 - beta2) steps: AdamW's second-moment estimate needs about that long to settle
-SYNTHETIC_FIRST_STEPS = 500  # the smallest model's steps on the synthetic set (tiny,small,base: under 10 min on 2 CPU cores)
-SYNTHETIC_LR = 3e-4  # the official 1e-3 is for the official global batch of 1024; on the synthetic set at batch 32 the
-# 12-layer sizes learn only colour at 1e-3 (tiny, 500 steps: loss flat at 3.1, zero-shot 11.3%), at 3e-4 they learn
-# shape too (loss 2.4, 24.5%); the 2-layer cpu-* sizes learn well at 1e-3 (pass --lr 1e-3)
-DEFAULTS = dict(batch_size=32)  # the chain's own defaults for train.py's flags
+DEFAULTS = dict(batch_size=recipe.CHAIN_BATCH)  # the chain's own defaults for train.py's flags
 PER_STAGE = ("epochs", "steps", "warmup", "lr", "resume")  # train.Settings fields the chain sets per stage
 RUNTIME = ("device", "workers", "eval_every", "save_every", "log_every", "grad_checkpointing", "compile")  # free on resume
 
@@ -86,18 +78,12 @@ def per_stage(text, n, flag, kind=int):
     return values * n if len(values) == 1 else values
 
 
-def official_warmup(steps, grown, epochs):
-    """The official warmup (8000 steps for the first model, 1000 for a grown one, over `epochs` CC3M epochs) as the
-    same fraction of a stage of `steps` steps: at least MIN_WARMUP, at most half the stage."""
-    return min(steps // 2, max(MIN_WARMUP, round(steps * OFFICIAL_WARMUP[grown] / (epochs * CC3M_STEPS_PER_EPOCH))))
-
-
 def schedule(args, settings, n):
     """Steps, epochs, warmup and peak lr per stage. By default the official CC3M scripts': the smallest model 128
     epochs with 8000 warmup steps, the grown ones 24, 16, 16 (a longer chain repeats 16) with 1000, all at peak lr
-    1e-3; the warmups kept as the same fraction of each stage, but at least MIN_WARMUP steps. On the synthetic set:
-    SYNTHETIC_FIRST_STEPS steps for the smallest model and the official proportions for the rest, at SYNTHETIC_LR."""
-    official = [OFFICIAL_EPOCHS[min(i, len(OFFICIAL_EPOCHS) - 1)] for i in range(n)]
+    1e-3; the warmups kept as the same fraction of each stage, but at least recipe.MIN_WARMUP steps. On the synthetic set:
+    recipe.CHAIN_FIRST_STEPS steps for the smallest model and the official proportions for the rest, at recipe.CHAIN_LR."""
+    official = [recipe.OFFICIAL_EPOCHS[min(i, len(recipe.OFFICIAL_EPOCHS) - 1)] for i in range(n)]
     if args.steps:
         steps, epochs = per_stage(args.steps, n, "--steps"), [1] * n
     elif args.epochs or settings.data != "synthetic":
@@ -107,11 +93,11 @@ def schedule(args, settings, n):
             **train.source_args(settings)).num_samples
         steps = [e * (num_samples // (settings.batch_size * int(os.environ.get("WORLD_SIZE", "1")))) for e in epochs]
     else:
-        steps, epochs = [round(SYNTHETIC_FIRST_STEPS * e / official[0]) for e in official], [1] * n
+        steps, epochs = [round(recipe.CHAIN_FIRST_STEPS * e / official[0]) for e in official], [1] * n
     warmup = per_stage(args.warmup, n, "--warmup") if args.warmup else [
-        official_warmup(s, i > 0, e) for i, (s, e) in enumerate(zip(steps, official))]
+        recipe.official_warmup(s, i > 0, e) for i, (s, e) in enumerate(zip(steps, official))]
     lr = per_stage(args.lr, n, "--lr", float) if args.lr else \
-        [SYNTHETIC_LR if settings.data == "synthetic" else OFFICIAL_LR] * n
+        [recipe.CHAIN_LR if settings.data == "synthetic" else recipe.OFFICIAL_LR] * n
     return [dict(steps=s, epochs=e, warmup=w, lr=r) for s, e, w, r in zip(steps, epochs, warmup, lr)]
 
 
@@ -275,11 +261,11 @@ def parse_args(argv=None):
     p.add_argument("--sizes", required=True, help=f"comma list in ascending order, from: {', '.join(vit.SIZES)}")
     p.add_argument("--epochs", default="", help="epochs per stage, comma list (default: 128,24,16,16..., official)")
     p.add_argument("--steps", default="", help="optimizer steps per stage, comma list; overrides --epochs "
-                   f"(default on synthetic data: {SYNTHETIC_FIRST_STEPS} for the first, the official proportions after)")
+                   f"(default on synthetic data: {recipe.CHAIN_FIRST_STEPS} for the first, the official proportions after)")
     p.add_argument("--warmup", default="", help="warmup steps per stage, comma list (default: the official "
                    "8000 / 1000 steps as the same fraction of each stage)")
     p.add_argument("--lr", default="", help="peak AdamW learning rate per stage, comma list (default: "
-                   f"{OFFICIAL_LR:g}, official; synthetic data: {SYNTHETIC_LR:g})")
+                   f"{recipe.OFFICIAL_LR:g}, official; synthetic data: {recipe.CHAIN_LR:g})")
     p.add_argument("--baseline", action="store_true", help="also train every size alone with the first stage's "
                    "schedule, and compare")
     p.add_argument("--out", default="runs/chain", help="output folder of the run")

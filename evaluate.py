@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 import data
 import interop
+import recipe
 import runtime
 import synthetic
 import vit
@@ -325,7 +326,6 @@ def finetune(model, train_folder, test_folder, device, *, epochs=5, lr=1e-4, wei
     split (data.train_transform at the model's image size; AdamW, open_clip's parameter groups, 10% warmup, then
     cosine decay), and return the test split's (data.eval_transform) top1 and mean_per_class_recall. The caller's
     model is not changed; epochs=0 gives the initial head's figures."""
-    import train  # here rather than at the top: train.py imports this file
     device = torch.device(device)
     train_files, test_files, names = folder_pair(train_folder, test_folder, "--finetune", model.cfg.image_size)
     items = data.EvalItems(train_files, data.train_transform(model.cfg.image_size))
@@ -333,13 +333,14 @@ def finetune(model, train_folder, test_folder, device, *, epochs=5, lr=1e-4, wei
     with torch.random.fork_rng(devices=[]):  # seeded head, order and augmentation; the caller's RNG untouched
         torch.manual_seed(seed)
         classifier = Classifier(copy.deepcopy(model.visual), model.cfg.embed_dim, len(names)).to(device).train()
-        optimizer = torch.optim.AdamW(train.param_groups(classifier, weight_decay), lr=lr)
+        # open_clip's groups; torch's default betas and eps (this is fine-tuning, not CLIP's pre-training recipe)
+        optimizer = torch.optim.AdamW(recipe.param_groups(classifier, weight_decay), lr=lr)
         step = 0
         for epoch in range(epochs):
             batches = data.EvalBatches(Subset(items, torch.randperm(len(items)).tolist()), batch_size, workers)
             for images, labels in progress(batches, f"fine-tuning, epoch {epoch + 1}/{epochs}"):
                 for group in optimizer.param_groups:
-                    group["lr"] = train.lr_at(step, total_steps, total_steps // 10, lr)
+                    group["lr"] = recipe.lr_at(step, total_steps, total_steps // 10, lr)  # 10% warmup
                 with runtime.autocast(device, precision):
                     logits = classifier(images.to(device))
                 loss = F.cross_entropy(logits.float(), labels.to(device))

@@ -35,6 +35,7 @@ import data
 import evaluate
 import grow
 import interop
+import recipe
 import runtime
 import synthetic
 import vit
@@ -71,10 +72,10 @@ class Settings:
     # optimisation
     epochs: int = flag(8, "passes over the training data")
     steps: int = flag(0, "total optimizer steps; overrides --epochs (0: epochs x steps per epoch)")
-    batch_size: int = flag(64, "image-text pairs per step and process")
-    lr: float = flag(1e-3, "peak AdamW learning rate")
+    batch_size: int = flag(recipe.TRAIN_BATCH, "image-text pairs per step and process")
+    lr: float = flag(recipe.TRAIN_LR, "peak AdamW learning rate")
     wd: float = flag(0.1, "AdamW weight decay (not on gains, biases and the logit scale)")
-    warmup: int = flag(100, "linear learning-rate warmup, in steps")
+    warmup: int = flag(recipe.TRAIN_WARMUP, "linear learning-rate warmup, in steps")
     grad_clip: float = flag(1.0, "largest global gradient norm (0: no clipping)")
     seed: int = flag(0, "seed of the model's initialisation and of the data order and augmentation")
     # runtime
@@ -108,35 +109,7 @@ def check_settings(settings):
 
 
 # -----------------------------------------------------------------------------
-# optimisation: open_clip's AdamW groups, warmup + cosine, one training step
-
-
-def param_groups(model, wd, distill=None):
-    """open_clip's AdamW groups: no weight decay for gains, biases and logit_scale (ndim < 2, or bn/ln/bias/logit_scale
-    in the name); the distillation projector gets its own group with weight decay (as in CoM-PT's KD stage)."""
-    def exclude(n, p):
-        return p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
-    named = list(model.named_parameters())
-    groups = [{"params": [p for n, p in named if not exclude(n, p)], "weight_decay": wd},
-              {"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0}]
-    head = list(distill.parameters()) if distill is not None else []
-    if head:
-        groups.append({"params": head, "weight_decay": wd})
-    return groups
-
-
-def make_optimizer(model, settings, device, distill=None):
-    fused = device.type in ("cuda", "cpu")  # one kernel for all the parameters' updates (README, "Speed")
-    return torch.optim.AdamW(param_groups(model, settings.wd, distill), lr=settings.lr, betas=(0.9, 0.98), eps=1e-6,
-                             fused=fused)
-
-
-def lr_at(step, total_steps, warmup, base_lr):
-    """open_clip's cosine schedule: lr * (step+1) / warmup during warmup, then cosine from lr to 0 at total_steps."""
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return 0.5 * (1 + math.cos(math.pi * progress)) * base_lr
+# one training step: the loss terms, backward, clipping, AdamW, the temperature bound
 
 
 def encode_text(model, tokens):
@@ -187,7 +160,7 @@ def train_step(objective, optimizer, images, tokens, lr, grad_clip, teacher=None
     scaler.step(optimizer)  # fp16: skipped when a gradient overflowed
     scaler.update()
     with torch.no_grad():
-        getattr(objective, "module", objective).model.logit_scale.clamp_(0, math.log(100))
+        getattr(objective, "module", objective).model.logit_scale.clamp_(0, recipe.LOGIT_SCALE_MAX)
     values = torch.stack([loss.detach(), *(v.detach() for v in losses.values())])
     if dist.is_initialized():  # each rank's loss averages its own rows of the global batch: their mean is the global loss
         dist.all_reduce(values)
@@ -334,7 +307,7 @@ def prepare(model, teacher, distill, settings, device, precision):
     if teacher is not None:
         teacher.to(device).eval()
         distill.to(device).train()
-    optimizer = make_optimizer(model, settings, device, distill)
+    optimizer = recipe.make_optimizer(model, settings.lr, settings.wd, device, distill)
     return Objective(model, distill), optimizer, torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
@@ -377,7 +350,7 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
         for images, tokens in train_data.batches(epoch, first):
             # forward, backward, update: the CLIP loss, plus FD towards the teacher
             images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
-            lr = lr_at(step, total_steps, settings.warmup, settings.lr)
+            lr = recipe.lr_at(step, total_steps, settings.warmup, settings.lr)
             losses = train_step(objective, optimizer, images, tokens, lr, settings.grad_clip, teacher,
                                 precision=precision, scaler=scaler)
             if not math.isfinite(losses["loss"]):  # the same on every rank: all stop

@@ -30,6 +30,7 @@ import torch
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 import interop  # noqa: E402
+import recipe  # noqa: E402
 import runtime  # noqa: E402
 import train  # noqa: E402
 import vit  # noqa: E402
@@ -112,7 +113,7 @@ def bench(a, compile):
         model.visual.compile()
         model.transformer.compile()
     objective = train.Objective(model)
-    optimizer = train.make_optimizer(model, train.Settings(), device)
+    optimizer = recipe.make_optimizer(model, recipe.TRAIN_LR, 0.1, device)
     B = a.bench_batch_size
     images = torch.randn(B, 3, cfg.image_size, cfg.image_size, device=device)
     tokens = torch.randint(1, cfg.vocab_size - 1, (B, cfg.context_length), device=device)

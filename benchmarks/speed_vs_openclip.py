@@ -1,7 +1,7 @@
 """
 Training-step speed of this repo against open_clip, side by side in one process, alternating rounds.
 
-Ours is train.train_step exactly as train() runs it (its default precision for the device, AdamW as make_optimizer
+Ours is train.train_step exactly as train() runs it (its default precision for the device, AdamW as recipe.make_optimizer
 builds it, grad-norm clipping at 1.0, the logit-scale clamp, no text work after a batch's longest caption). open_clip's is its CLIP of the same shape with its
 ClipLoss, torch's default AdamW and the clamp, at fp32 and under bf16 autocast (its --precision amp_bf16); the
 ratio is ours over open_clip's best. Shapes: the CoM-PT tiny model at 224 px / patch 16 / 77 tokens, with captions
@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import data  # noqa: E402
+import recipe  # noqa: E402
 import runtime  # noqa: E402
 import train  # noqa: E402
 import vit  # noqa: E402
@@ -80,7 +81,7 @@ def ours(cfg, captions):
     torch.manual_seed(0)
     model = vit.CLIP(cfg).to(device).train()
     settings = train.Settings(device=args.device)
-    objective, optimizer = train.Objective(model), train.make_optimizer(model, settings, device)
+    objective, optimizer = train.Objective(model), recipe.make_optimizer(model, settings.lr, settings.wd, device)
     images, tokens = batch(cfg, captions)
     return lambda: train.train_step(objective, optimizer, images, tokens, settings.lr, settings.grad_clip)
 

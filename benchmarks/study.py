@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 import chain  # noqa: E402
 import data  # noqa: E402
 import interop  # noqa: E402
+import recipe  # noqa: E402
 import runtime  # noqa: E402
 import train  # noqa: E402
 import vit  # noqa: E402
@@ -88,8 +89,8 @@ class Job:
     teacher: str = ""  # the job whose trained model this one is distilled towards ("": none)
     grow_method: str = "lossless"
     alpha: float = 500.0
-    lr: float = chain.OFFICIAL_LR
-    warmup: int = chain.MIN_WARMUP
+    lr: float = recipe.OFFICIAL_LR
+    warmup: int = recipe.MIN_WARMUP
 
 
 def fraction_name(f):
@@ -114,13 +115,13 @@ def plan(config):
         return job
 
     def alone(size, steps, seed):  # the first stage's official warmup fraction
-        return Job(f"s{seed}/{size}-{steps}", size, steps, seed, warmup=chain.official_warmup(steps, False,
+        return Job(f"s{seed}/{size}-{steps}", size, steps, seed, warmup=recipe.official_warmup(steps, False,
                                                                                                128 * steps / L))
 
     def grown(size, steps, predecessor, **kw):  # a grown stage's official warmup fraction
         return Job(f"s{predecessor.seed}/{size}-after-{key(predecessor.name)}-{steps}", size, steps,
                    predecessor.seed, start=predecessor.name, teacher=predecessor.name,
-                   warmup=chain.official_warmup(steps, True, 128 * steps / L), **kw)
+                   warmup=recipe.official_warmup(steps, True, 128 * steps / L), **kw)
 
     for seed in sorted(set(config.seeds) | set(config.ablation_seeds)):
         first = add(alone(config.sizes[0], L, seed))
@@ -143,7 +144,7 @@ def plan(config):
     for family in config.families:  # part 2: the official stage lengths, seed 0, and every member's twin
         predecessor, keys = add(alone(family[0], L, 0)), [f"{family[0]}-{L}"]
         for i, size in enumerate(family[1:], 1):
-            epochs = chain.OFFICIAL_EPOCHS[min(i, len(chain.OFFICIAL_EPOCHS) - 1)]
+            epochs = recipe.OFFICIAL_EPOCHS[min(i, len(recipe.OFFICIAL_EPOCHS) - 1)]
             predecessor = add(grown(size, round(L * epochs / 128), predecessor))
             keys.append(key(predecessor.name))
             add(alone(size, L, 0))

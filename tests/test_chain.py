@@ -9,6 +9,7 @@ import torch
 import chain
 import data
 import evaluate
+import recipe
 import synthetic
 import train
 import vit
@@ -103,11 +104,11 @@ def test_default_schedule_is_the_official_one(capsys):
     assert [st.settings.lr for st in stages] == [1e-3] * 4
     # the synthetic set: steps in the official proportions, warmups of at least 50 steps (at most half a stage)
     stages = chain.plan(chain.parse_args(["--sizes", SIZES]), train.Settings(num_samples=1000))
-    first = chain.SYNTHETIC_FIRST_STEPS
+    first = recipe.CHAIN_FIRST_STEPS
     steps = [first, round(first * 24 / 128), round(first * 16 / 128)]
     assert [st.settings.steps for st in stages] == steps
     assert [st.settings.warmup for st in stages] == [min(s // 2, 50) for s in steps]
-    assert [st.settings.lr for st in stages] == [chain.SYNTHETIC_LR] * 3 and chain.SYNTHETIC_LR < 1e-3
+    assert [st.settings.lr for st in stages] == [recipe.CHAIN_LR] * 3 and recipe.CHAIN_LR < 1e-3
     # one value stands for every stage
     stages = chain.plan(chain.parse_args(["--sizes", SIZES, "--steps", "7", "--lr", "2e-4"]), train.Settings())
     assert [(st.settings.steps, st.settings.lr) for st in stages] == [(7, 2e-4)] * 3
