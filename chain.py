@@ -163,7 +163,7 @@ def train_stage(stage, model, teacher=None, distill=None):
     one resumes from its checkpoint. Under torchrun every rank trains; rank 0 writes result.json."""
     path = os.path.join(stage.dir, "result.json")
     if os.path.exists(path):
-        model.load_state_dict(interop.load_checkpoint(os.path.join(stage.dir, "checkpoint.pt"))["model"])
+        model.load_state_dict(interop.load_checkpoint(os.path.join(stage.dir, interop.RUN_CHECKPOINT))["model"])
         return runtime.load_json(path, "stage result")
     if runtime.is_rank0():
         print(f"== {stage.label}", flush=True)

@@ -88,7 +88,8 @@ class Settings:
     eval_every: int = flag(1, "evaluate every N epochs, and at the end (0: only at the end)")
     save_every: int = flag(1000, "checkpoint every N steps, and at the end (0: only at the end)")
     log_every: int = flag(50, "log the losses every N steps")
-    resume: str = flag("auto", "auto (from OUT/checkpoint.pt when present), none (start over) or a checkpoint path")
+    resume: str = flag("auto", f"auto (from OUT/{interop.RUN_CHECKPOINT} when present), none (start over) or a "
+                       "checkpoint path")
 
 
 
@@ -172,20 +173,9 @@ def train_step(objective, optimizer, images, tokens, lr, grad_clip, teacher=None
 # checkpoints and logs
 
 
-def save_checkpoint(path, step, model, optimizer, distill, scaler, settings, world_size, wall_time, losses):
-    """A plain dict of tensors and Python values (torch.load(weights_only=True) reads it), written atomically; the
-    model's own state dict, so no DDP or compile prefix. `losses`: the last logged losses, which a resumed run that
-    has no step left to take reports."""
-    runtime.save_torch({
-        "model": model.state_dict(), "config": model.cfg.to_dict(), "step": step, "optimizer": optimizer.state_dict(),
-        "distill": distill.state_dict() if distill is not None else None, "settings": asdict(settings),
-        "scaler": scaler.state_dict(), "world_size": world_size, "wall_time": wall_time, "losses": losses,
-        "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if next(model.parameters()).is_cuda else []}}, path)
-
-
-def load_checkpoint(path, model, optimizer, distill, settings, device, scaler=NO_SCALER, world_size=1, sharded=False):
-    """Restore a run from `path` for an exact resume; returns (step, wall time so far in seconds, last losses).
+def resume(path, model, optimizer, distill, settings, device, scaler, world_size, sharded):
+    """Restore a run from checkpoint `path` (interop.py reads it) after checking that it is this run's: the same
+    model, data stream, number of processes and teacher; returns (step, wall time so far in seconds, last losses).
     sharded: the data are tar shards, whose batch order also depends on the number of workers (data.ShardStream)."""
     ckpt = interop.load_checkpoint(path)
     if ckpt["config"] != model.cfg.to_dict():
@@ -201,16 +191,7 @@ def load_checkpoint(path, model, optimizer, distill, settings, device, scaler=NO
     if (ckpt["distill"] is None) != (distill is None):
         raise ValueError(f"checkpoint {path} was trained {'without' if distill is not None else 'with'} a teacher; "
                          f"resume it the same way, or use another --out")
-    model.load_state_dict(ckpt["model"])
-    if distill is not None:
-        distill.load_state_dict(ckpt["distill"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if ckpt.get("scaler"):  # fp16 runs: the loss scale
-        scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if device.type == "cuda" and ckpt["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    return ckpt["step"], ckpt["wall_time"], ckpt.get("losses", {})
+    return interop.restore_checkpoint(ckpt, model, optimizer, distill, scaler, device)
 
 
 def _record_step(line):
@@ -326,12 +307,11 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
     total_steps = settings.steps or settings.epochs * steps_per_epoch
     objective, optimizer, scaler = prepare(model, teacher, distill, settings, device, precision)
     # resume from out/checkpoint.pt when present ("auto"), from a given file, or not at all ("none")
-    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
-    resume = {"auto": ckpt_path if os.path.exists(ckpt_path) else None, "none": None}.get(settings.resume,
-                                                                                           settings.resume)
-    step, wall_time, losses = load_checkpoint(resume, model, optimizer, distill, settings, device, scaler, world_size,
-                                              sharded=train_data.sharded) \
-        if resume else (0, 0.0, {})
+    ckpt_path = os.path.join(out_dir, interop.RUN_CHECKPOINT)
+    start = {"auto": ckpt_path if os.path.exists(ckpt_path) else None, "none": None}.get(settings.resume,
+                                                                                          settings.resume)
+    step, wall_time, losses = resume(start, model, optimizer, distill, settings, device, scaler, world_size,
+                                     train_data.sharded) if start else (0, 0.0, {})
     if world_size > 1:  # one wrapper for the student and its projector: their gradients are averaged over the ranks
         objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
     if rank == 0:
@@ -364,8 +344,8 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
                 t_log, step_log = time.time(), step
                 log.step(step, total_steps, step / steps_per_epoch, losses, lr, model.logit_scale.exp().item(), speed)
             if rank == 0 and ((settings.save_every and step % settings.save_every == 0) or step == total_steps):
-                save_checkpoint(ckpt_path, step, model, optimizer, distill, scaler, settings, world_size,
-                                wall_time + time.time() - t_start, losses)
+                interop.save_checkpoint(ckpt_path, step, model, optimizer, distill, scaler, asdict(settings),
+                                        world_size, wall_time + time.time() - t_start, losses)
             if step == total_steps:
                 break
         if step < total_steps and settings.eval_every and (epoch + 1) % settings.eval_every == 0:
@@ -446,7 +426,8 @@ def first_model(cfg, seed, init=None, method="lossless", init_from=""):
 def parse_args(argv=None):
     p = runtime.ArgumentParser(description="Train one CLIP model (optionally distilled from a teacher).")
     p.add_argument("--size", default="cpu-tiny", help=f"model size: {', '.join(vit.SIZES)}")
-    p.add_argument("--out", default="out", help="output folder: checkpoint.pt, metrics.jsonl, config.json, open_clip/")
+    p.add_argument("--out", default="out", help=f"output folder: {interop.RUN_CHECKPOINT}, metrics.jsonl, "
+                   "config.json, open_clip/")
     add_model_args(p)
     add_settings_args(p)  # everything else: the fields of Settings
     return p.parse_args(argv)

@@ -85,7 +85,7 @@ def ddp_run(a, out):
     if metrics["samples_seen"] != a.steps * a.batch_size * n:
         raise RuntimeError(f"samples_seen {metrics['samples_seen']}, expected {a.steps} x {a.batch_size} x {n}")
     exported = interop.load_model(os.path.join(run_dir, "open_clip")).state_dict()
-    ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), map_location="cpu", weights_only=True)
+    ckpt = torch.load(os.path.join(run_dir, interop.RUN_CHECKPOINT), map_location="cpu", weights_only=True)
     if not all(torch.equal(exported[k], v) for k, v in ckpt["model"].items()):
         raise RuntimeError("the open_clip export differs from the checkpoint")
     return {"processes": n, "loss": metrics["loss"], "zeroshot_top1": metrics["zeroshot_top1"]}

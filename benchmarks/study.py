@@ -177,10 +177,7 @@ def shape(size):
 
 
 def load(root, name):
-    ckpt = interop.load_checkpoint(os.path.join(root, name, "checkpoint.pt"))
-    model = vit.CLIP(vit.CLIPConfig.from_dict(ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
-    return model
+    return interop.load_model(os.path.join(root, name))  # the job's checkpoint.pt
 
 
 def run_job(job, config, root):
