@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 
 import data
+import evaluate
 import grow
 import interop
 import recipe
@@ -88,9 +89,7 @@ def schedule(args, settings, n):
         steps, epochs = per_stage(args.steps, n, "--steps"), [1] * n
     elif args.epochs or settings.data != "synthetic":
         epochs = per_stage(args.epochs, n, "--epochs") if args.epochs else official
-        num_samples = settings.num_samples or data.build_train_data(  # as train.train reads it
-            settings.data, tokenizer="byte", image_size=8, context_length=2, batch_size=settings.batch_size, seed=0,
-            **train.source_args(settings)).num_samples
+        num_samples = settings.num_samples or data.source_size(settings)  # as train.train reads it
         steps = [e * (num_samples // (settings.batch_size * int(os.environ.get("WORLD_SIZE", "1")))) for e in epochs]
     else:
         steps, epochs = [round(recipe.CHAIN_FIRST_STEPS * e / official[0]) for e in official], [1] * n
@@ -291,7 +290,11 @@ def main(argv=None):
             print(md)
             return summary
         runtime.check_out_dir(args.out)
-        train.build_data(stages[0].settings, stages[0].cfg, *runtime.rank_and_world())  # data, eval sets, tokenizer
+        first = stages[0]  # its tokenizer, data and evaluation sets, checked before anything is written
+        tokenizer = data.get_tokenizer(first.cfg.tokenizer, first.settings.bpe or None)
+        data.train_data_for(first.settings, first.cfg, tokenizer, *runtime.rank_and_world())
+        if runtime.is_rank0():
+            evaluate.eval_sets_for(first.settings, first.cfg, tokenizer)
         model = train.first_model(stages[0].cfg, settings.seed, init, args.grow_method, args.init_from)
         check_manifest(args.out, dict(
             sizes=[st.size for st in stages], grow_method=args.grow_method, alpha=args.alpha,

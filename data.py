@@ -522,6 +522,28 @@ def build_train_data(source, *, tokenizer, image_size, context_length, batch_siz
     return TrainData(dataset, batch_size, workers, seed, rank, world_size, num_samples)
 
 
+def source_args(settings):
+    """The reader flags of train.py's settings (a train.Settings), as open_source and build_train_data take them."""
+    return dict(data_root=settings.data_root or None, csv_img_key=settings.csv_img_key,
+                csv_caption_key=settings.csv_caption_key, caption_sep=settings.caption_sep or None)
+
+
+def source_size(settings):
+    """Samples in one pass over settings.data: what an epoch holds when --num-samples is 0."""
+    return synthetic.NUM_SAMPLES if settings.data == "synthetic" else len(open_source(settings.data,
+                                                                                      **source_args(settings)))
+
+
+def train_data_for(settings, cfg, tokenizer, rank=0, world_size=1, device="cpu"):
+    """This rank's TrainData for train.py's settings and a model of config `cfg` (the synthetic set's batches are
+    drawn on `device`)."""
+    return build_train_data(settings.data, tokenizer=tokenizer, image_size=cfg.image_size,
+                            context_length=cfg.context_length, batch_size=settings.batch_size,
+                            workers=settings.workers, seed=settings.seed, rank=rank, world_size=world_size,
+                            num_samples=settings.num_samples or None, captions_per_image=settings.captions_per_image,
+                            device=device, **source_args(settings))
+
+
 # -----------------------------------------------------------------------------
 # labelled images and evaluation batches
 

@@ -104,6 +104,16 @@ def build_eval_sets(source="synthetic", *, tokenizer, image_size, context_length
     return sets
 
 
+def eval_sets_for(settings, cfg, tokenizer):
+    """The evaluation sets of train.py's settings (its data's own, --zeroshot-data, --val-data) for a model of config
+    `cfg`: build_eval_sets."""
+    return build_eval_sets(settings.data, tokenizer=tokenizer, image_size=cfg.image_size,
+                           context_length=cfg.context_length, zeroshot_data=settings.zeroshot_data or None,
+                           val_data=settings.val_data or None, templates=settings.templates or None,
+                           captions_per_image=settings.captions_per_image, workers=settings.workers,
+                           probes=settings.probes, **data.source_args(settings))
+
+
 # -----------------------------------------------------------------------------
 # metrics
 

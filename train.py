@@ -255,29 +255,6 @@ def check_teacher(model, teacher, distill):
                              f"{getattr(model.cfg, key)!r}; give both the same data shape")
 
 
-def source_args(settings):
-    """The data-source flags that data.py's readers take, from the settings."""
-    return dict(data_root=settings.data_root or None, csv_img_key=settings.csv_img_key,
-                csv_caption_key=settings.csv_caption_key, caption_sep=settings.caption_sep or None,
-                captions_per_image=settings.captions_per_image, workers=settings.workers)
-
-
-def build_data(settings, cfg, rank, world_size, device="cpu"):
-    """This rank's training batches (the synthetic set's drawn on `device`), and the evaluation sets (rank 0's; the
-    others get none)."""
-    shape = dict(tokenizer=data.get_tokenizer(cfg.tokenizer, settings.bpe or None), image_size=cfg.image_size,
-                 context_length=cfg.context_length)
-    train_data = data.build_train_data(settings.data, **shape, **source_args(settings), batch_size=settings.batch_size,
-                                       seed=settings.seed, rank=rank, world_size=world_size,
-                                       num_samples=settings.num_samples or None, device=device)
-    eval_sets = evaluate.build_eval_sets(settings.data, **shape, **source_args(settings),
-                                         zeroshot_data=settings.zeroshot_data or None,
-                                         val_data=settings.val_data or None,
-                                         templates=settings.templates or None,
-                                         probes=settings.probes) if rank == 0 else {}
-    return train_data, eval_sets
-
-
 def prepare(model, teacher, distill, settings, device, precision):
     """Models on the device in their modes; the loss module, AdamW and the fp16 grad scaler."""
     model.to(device).train()
@@ -302,7 +279,9 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
     runtime.init_distributed(device)  # under torchrun: join its process group (once), else nothing
     rank, world_size = runtime.rank_and_world()
     precision = settings.precision or runtime.default_precision(device)
-    train_data, eval_sets = build_data(settings, model.cfg, rank, world_size, device)
+    tokenizer = data.get_tokenizer(model.cfg.tokenizer, settings.bpe or None)
+    train_data = data.train_data_for(settings, model.cfg, tokenizer, rank, world_size, device)
+    eval_sets = evaluate.eval_sets_for(settings, model.cfg, tokenizer) if rank == 0 else {}  # rank 0 evaluates
     steps_per_epoch = train_data.steps_per_epoch
     total_steps = settings.steps or settings.epochs * steps_per_epoch
     objective, optimizer, scaler = prepare(model, teacher, distill, settings, device, precision)
