@@ -34,7 +34,6 @@ import recipe
 import runtime
 import train
 import vit
-from distill import FeatureDistill
 
 DEFAULTS = dict(batch_size=recipe.CHAIN_BATCH)  # the chain's own defaults for train.py's flags
 PER_STAGE = ("epochs", "steps", "warmup", "lr", "resume")  # train.Settings fields the chain sets per stage
@@ -142,8 +141,8 @@ def run_chain(stages, model, teacher, grow_method, alpha):
         if i > 0:
             teacher = model  # the trained predecessor
             model = grown(teacher, stage, grow_method)  # parameter space
-        distill = FeatureDistill(model.cfg.embed_dim, teacher.cfg.embed_dim, alpha) if teacher else None
-        results.append(train_stage(stage, model, teacher, distill))  # trains `model` in place (feature space: FD)
+        distill = train.distillation(model, teacher, alpha)  # feature space: FD towards the teacher
+        results.append(train_stage(stage, model, teacher, distill))  # trains `model` in place
     return results
 
 

@@ -40,7 +40,7 @@ import runtime
 import synthetic
 import vit
 from clip_loss import clip_loss
-from distill import FeatureDistill
+from distill import ALPHA, FeatureDistill
 from tokenizer import VOCAB_SIZES
 
 
@@ -246,6 +246,12 @@ def evaluate_and_log(model, eval_sets, device, precision, log, step, epoch, fina
 # training
 
 
+def distillation(model, teacher, alpha=ALPHA):
+    """CoM-PT's feature-space transfer towards `teacher` (distill.py): FD of weight alpha, with projectors when the
+    embedding dims differ; None without a teacher."""
+    return FeatureDistill(model.cfg.embed_dim, teacher.cfg.embed_dim, alpha) if teacher is not None else None
+
+
 def check_teacher(model, teacher, distill):
     if (teacher is None) != (distill is None):
         raise ValueError("train() needs both a teacher and a distillation module, or neither")
@@ -376,7 +382,7 @@ def add_model_args(parser):
                         "zoo or ours): loaded when it has the model's shape, grown (--grow-method) when smaller")
     parser.add_argument("--grow-method", default="lossless", choices=grow.METHODS, help="growth operator (grow.py)")
     parser.add_argument("--teacher", default="", help="distil towards this checkpoint's features (CoM-PT's FD loss)")
-    parser.add_argument("--alpha", type=float, default=500.0, help="weight of the feature-distillation loss")
+    parser.add_argument("--alpha", type=float, default=ALPHA, help="weight of the feature-distillation loss")
 
 
 def model_config(size, args, like=None):
@@ -422,8 +428,7 @@ def main(argv=None):
         teacher = interop.load_model(args.teacher) if args.teacher else None
         cfg = model_config(args.size, args, like=init[1] if init else teacher.cfg if teacher else None)
         model = first_model(cfg, settings.seed, init, args.grow_method, args.init_from)
-        distill = FeatureDistill(cfg.embed_dim, teacher.cfg.embed_dim, args.alpha) if teacher else None
-        metrics = train(model, settings, args.out, teacher=teacher, distill=distill)
+        metrics = train(model, settings, args.out, teacher=teacher, distill=distillation(model, teacher, args.alpha))
     except runtime.USER_ERRORS as e:  # one line, no traceback: 2 for bad input, 1 for a run that stopped (NaN, disk)
         runtime.exit_with(e)
     finally:

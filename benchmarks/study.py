@@ -43,7 +43,7 @@ import recipe  # noqa: E402
 import runtime  # noqa: E402
 import train  # noqa: E402
 import vit  # noqa: E402
-from distill import FeatureDistill  # noqa: E402
+from distill import ALPHA  # noqa: E402
 from svg import line_chart  # noqa: E402
 
 
@@ -88,7 +88,7 @@ class Job:
     start: str = ""  # the job whose trained model this one is grown from ("": a fresh init)
     teacher: str = ""  # the job whose trained model this one is distilled towards ("": none)
     grow_method: str = "lossless"
-    alpha: float = 500.0
+    alpha: float = ALPHA
     lr: float = recipe.OFFICIAL_LR
     warmup: int = recipe.MIN_WARMUP
 
@@ -192,8 +192,7 @@ def run_job(job, config, root):
     if job.start:
         model = chain.grown(load(root, job.start), stage, job.grow_method)
     teacher = load(root, job.teacher) if job.teacher else None
-    distill = FeatureDistill(model.cfg.embed_dim, teacher.cfg.embed_dim, job.alpha) if teacher else None
-    return chain.train_stage(stage, model, teacher, distill)  # its final evaluation has the attribute probes
+    return chain.train_stage(stage, model, teacher, train.distillation(model, teacher, job.alpha))  # its final evaluation has the attribute probes
 
 
 def run_all(jobs, config, root, workers):
@@ -325,7 +324,7 @@ def ablation_part(config, jobs, parts, results):
         values = {m: statistics.mean(measure(results[n], m) for n in names) for m in METRICS}
         values.update({p: statistics.mean(100 * results[n][p] for n in names) for p in probes})
         summary[tag] = values
-        label = "the method: lossless growth + FD (alpha 500)" if tag == "method" else \
+        label = f"the method: lossless growth + FD (alpha {ALPHA:g})" if tag == "method" else \
             ABLATION_LABELS.get(tag, tag.replace("-", " ") + " steps")
         md.append(f"| {label} | " + " | ".join(f"{values[k]:.1f}" for k in [*METRICS, *probes]) + " |")
     steps = jobs[seeds_of(jobs, parts["ablation"][0][1])[0]].steps
