@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 import chain  # noqa: E402
 import data  # noqa: E402
 import interop  # noqa: E402
+import ledger  # noqa: E402
 import recipe  # noqa: E402
 import runtime  # noqa: E402
 import train  # noqa: E402
@@ -192,12 +193,13 @@ def run_job(job, config, root):
     if job.start:
         model = chain.grown(load(root, job.start), stage, job.grow_method)
     teacher = load(root, job.teacher) if job.teacher else None
-    return chain.train_stage(stage, model, teacher, train.distillation(model, teacher, job.alpha))  # its final evaluation has the attribute probes
+    distill = train.distillation(model, teacher, job.alpha)
+    return chain.train_stage(stage, model, teacher, distill)  # its final evaluation has the attribute probes
 
 
 def run_all(jobs, config, root, workers):
     """Run every job not finished yet, each once its predecessors are, longest first among the ready ones."""
-    done = {n for n in jobs if os.path.exists(os.path.join(root, n, "result.json"))}
+    done = {n for n in jobs if os.path.exists(os.path.join(root, n, chain.RESULT))}
     cost = {n: j.steps * vit.flops_per_sample(shape(j.size)) for n, j in jobs.items()}
     running, started = {}, time.time()
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
@@ -221,8 +223,8 @@ def run_all(jobs, config, root, workers):
 def training_flops(job, jobs):
     """The job's own training FLOPs (3 x its forward per sample, plus its teacher's forward), and the cumulative cost
     of the model it yields: the predecessors' and teachers' trainings included."""
-    own = job.steps * (3 * vit.flops_per_sample(shape(job.size)) +
-                       (vit.flops_per_sample(shape(jobs[job.teacher].size)) if job.teacher else 0))
+    teacher = ledger.forward_flops(shape(jobs[job.teacher].size)) if job.teacher else 0
+    own = ledger.training_flops(job.steps, ledger.forward_flops(shape(job.size)), teacher)
     before = {d for d in (job.start, job.teacher) if d}
     return own, own + sum(training_flops(jobs[d], jobs)[1] for d in before)
 
@@ -300,7 +302,7 @@ def family_part(config, jobs, parts, results):
     L, md, summary = config.first_steps, [], []
     for family, keys in zip(config.families, parts["family"]):
         names = [f"s0/{k}" for k in keys]
-        _, totals = chain.ledger([shape(s) for s in family], [jobs[n].steps * config.batch_size for n in names])
+        _, totals = ledger.ledger([shape(s) for s in family], [jobs[n].steps * config.batch_size for n in names])
         members = [dict(size=size, chain={m: measure(results[n], m) for m in METRICS},
                         alone={m: measure(results[f"s0/{size}-{L}"], m) for m in METRICS})
                    for size, n in zip(family, names)]
@@ -339,12 +341,12 @@ def cc3m_ledger():
                              "--batch-size", "1024", "--captions-per-image", "7", "--tokenizer", "byte"])
     settings = train.Settings(data="cc3m.csv", num_samples=2905954, batch_size=1024, captions_per_image=7)
     stages = chain.plan(args, settings)
-    return chain.ledger([st.cfg for st in stages], [st.samples for st in stages], 7)[1]
+    return ledger.ledger([st.cfg for st in stages], [st.samples for st in stages], 7)[1]
 
 
 def report(config, jobs, parts, root, out):
-    results = {n: runtime.load_json(os.path.join(root, n, "result.json"), "study result") for n in jobs
-               if os.path.exists(os.path.join(root, n, "result.json"))}
+    results = {n: runtime.load_json(os.path.join(root, n, chain.RESULT), "study result") for n in jobs
+               if os.path.exists(os.path.join(root, n, chain.RESULT))}
     missing = [n for n in jobs if n not in results]
     if missing:
         raise ValueError(f"{len(missing)} of {len(jobs)} trainings are not finished (e.g. {missing[0]}); run the "
@@ -352,8 +354,8 @@ def report(config, jobs, parts, root, out):
     cost_md, cost = cost_part(config, jobs, parts, results, out)
     family_md, family = family_part(config, jobs, parts, results)
     ablation_md, ablation = ablation_part(config, jobs, parts, results)
-    ledger = cc3m_ledger()
-    summary = dict(config=asdict(config), cost=cost, family=family, ablation=ablation, cc3m_ledger=ledger,
+    cc3m = cc3m_ledger()
+    summary = dict(config=asdict(config), cost=cost, family=family, ablation=ablation, cc3m_ledger=cc3m,
                    results=results, git=runtime.git_hash())
     runtime.save_json(summary, os.path.join(out, f"study-{config_name}.json"))
     md = [f"# Study ({config_name} configuration)", "", f"First stage {config.first_steps} steps of "
@@ -361,8 +363,8 @@ def report(config, jobs, parts, root, out):
           "## 1. Accuracy against cost", "", *cost_md, "", "## 2. Family size (seed 0)", "", *family_md, "",
           f"## 3. Ablations of the first grown stage (mean of seeds {list(config.ablation_seeds)})", "", *ablation_md,
           "", "## 4. The official CC3M chain's ledger", "",
-          f"tiny -> small -> base -> large, 128/24/16/16 epochs, 7 captions: {ledger['speedup']:.2f}x cheaper than "
-          f"the four alone, {100 * ledger['saving_vs_largest']:.1f}% cheaper than large alone.", ""]
+          f"tiny -> small -> base -> large, 128/24/16/16 epochs, 7 captions: {cc3m['speedup']:.2f}x cheaper than "
+          f"the four alone, {100 * cc3m['saving_vs_largest']:.1f}% cheaper than large alone.", ""]
     runtime.save_text("\n".join(md), os.path.join(out, f"study-{config_name}.md"))
     print("\n".join(md))
 

@@ -9,6 +9,7 @@ import torch
 import chain
 import data
 import evaluate
+import ledger
 import recipe
 import synthetic
 import train
@@ -69,7 +70,7 @@ def test_unknown_size_and_bad_lists_are_one_line_errors(capsys, tmp_path):
 def test_ledger_matches_a_hand_computation():
     a, b = vit.config("cpu-tiny"), vit.config("cpu-small")
     (ia, ta), (ib, tb) = vit.image_text_flops(a), vit.image_text_flops(b)
-    rows, totals = chain.ledger([a, b], [100, 30], captions=3)
+    rows, totals = ledger.ledger([a, b], [100, 30], captions=3)
     fa, fb = ia + 3 * ta, ib + 3 * tb
     assert [r["train_flops"] for r in rows] == [100 * 3 * fa, 30 * (3 * fb + fa)]  # student x3, teacher x1
     assert [r["independent_flops"] for r in rows] == [100 * 3 * fa, 100 * 3 * fb]  # the first stage's schedule
