@@ -220,13 +220,13 @@ def run_all(jobs, config, root, workers):
 # costs, aggregation, verdicts
 
 
-def training_flops(job, jobs):
-    """The job's own training FLOPs (3 x its forward per sample, plus its teacher's forward), and the cumulative cost
-    of the model it yields: the predecessors' and teachers' trainings included."""
+def training_flops(job, jobs, batch_size):
+    """The job's own training FLOPs (ledger.py's convention: 3 x its forward per sample, plus its teacher's forward),
+    and the cumulative cost of the model it yields: the predecessors' and teachers' trainings included."""
     teacher = ledger.forward_flops(shape(jobs[job.teacher].size)) if job.teacher else 0
-    own = ledger.training_flops(job.steps, ledger.forward_flops(shape(job.size)), teacher)
+    own = ledger.training_flops(job.steps * batch_size, ledger.forward_flops(shape(job.size)), teacher)
     before = {d for d in (job.start, job.teacher) if d}
-    return own, own + sum(training_flops(jobs[d], jobs)[1] for d in before)
+    return own, own + sum(training_flops(jobs[d], jobs, batch_size)[1] for d in before)
 
 
 def measure(result, metric):
@@ -235,10 +235,10 @@ def measure(result, metric):
     return 100 * result[metric]
 
 
-def point(names, jobs, results, metric):
+def point(names, jobs, results, metric, batch_size):
     """(cumulative cost, mean, low, high) of the same training over seeds."""
     values = [measure(results[n], metric) for n in names]
-    return (training_flops(jobs[names[0]], jobs)[1], statistics.mean(values), min(values), max(values))
+    return (training_flops(jobs[names[0]], jobs, batch_size)[1], statistics.mean(values), min(values), max(values))
 
 
 def interpolate(curve, x):
@@ -280,8 +280,8 @@ def cost_part(config, jobs, parts, results, out):
     md, summary = [], {}
     for size in config.sizes[1:]:
         for metric, label in METRICS.items():
-            a = [point(seeds_of(jobs, k), jobs, results, metric) for k in parts["alone"][size]]
-            c = [point(seeds_of(jobs, k), jobs, results, metric) for k in parts["chained"][size]]
+            a = [point(seeds_of(jobs, k), jobs, results, metric, config.batch_size) for k in parts["alone"][size]]
+            c = [point(seeds_of(jobs, k), jobs, results, metric, config.batch_size) for k in parts["chained"][size]]
             word, gaps = verdict(a, c)
             summary[f"{size}/{metric}"] = dict(alone=a, chained=c, verdict=word, gaps=gaps)
             series = [dict(label="alone", colour="#d62728", points=a),
