@@ -77,6 +77,7 @@ CONFIGS = {
                     alone=(1 / 2, 1), families=(("cpu-tiny", "cpu-small"),), ablation_fraction=1 / 4,
                     ablation_seeds=(0,)),  # a minute: checks the pipeline, not the claims
 }
+CC3M_CHAIN = "tiny,small,base,large"  # part 4: the paper's four-model chain
 METRICS = {"zeroshot_top1": "zero-shot top-1", "retrieval_R@1": "retrieval R@1 (mean of both ways)"}
 
 
@@ -106,6 +107,7 @@ def plan(config):
     """Every training of the study, by name "s<seed>/<key>" (each job after the ones it starts from), and the keys
     of each part of the report: alone and chained (per size), family (the chains), ablation ((tag, key) pairs)."""
     L, jobs = config.first_steps, {}
+    E = recipe.OFFICIAL_EPOCHS[0]  # L steps stand for the first model's official CC3M epochs
     parts = dict(alone={s: [] for s in config.sizes[1:]}, chained={s: [] for s in config.sizes[1:]}, family=[],
                  ablation=[])
 
@@ -117,12 +119,12 @@ def plan(config):
 
     def alone(size, steps, seed):  # the first stage's official warmup fraction
         return Job(f"s{seed}/{size}-{steps}", size, steps, seed, warmup=recipe.official_warmup(steps, False,
-                                                                                               128 * steps / L))
+                                                                                               E * steps / L))
 
     def grown(size, steps, predecessor, **kw):  # a grown stage's official warmup fraction
         return Job(f"s{predecessor.seed}/{size}-after-{key(predecessor.name)}-{steps}", size, steps,
                    predecessor.seed, start=predecessor.name, teacher=predecessor.name,
-                   warmup=recipe.official_warmup(steps, True, 128 * steps / L), **kw)
+                   warmup=recipe.official_warmup(steps, True, E * steps / L), **kw)
 
     for seed in sorted(set(config.seeds) | set(config.ablation_seeds)):
         first = add(alone(config.sizes[0], L, seed))
@@ -146,7 +148,7 @@ def plan(config):
         predecessor, keys = add(alone(family[0], L, 0)), [f"{family[0]}-{L}"]
         for i, size in enumerate(family[1:], 1):
             epochs = recipe.OFFICIAL_EPOCHS[min(i, len(recipe.OFFICIAL_EPOCHS) - 1)]
-            predecessor = add(grown(size, round(L * epochs / 128), predecessor))
+            predecessor = add(grown(size, round(L * epochs / E), predecessor))
             keys.append(key(predecessor.name))
             add(alone(size, L, 0))
         parts["family"].append(keys)
@@ -337,11 +339,13 @@ def ablation_part(config, jobs, parts, results):
 
 
 def cc3m_ledger():
-    args = chain.parse_args(["--sizes", "tiny,small,base,large", "--data", "cc3m.csv", "--num-samples", "2905954",
-                             "--batch-size", "1024", "--captions-per-image", "7", "--tokenizer", "byte"])
-    settings = train.Settings(data="cc3m.csv", num_samples=2905954, batch_size=1024, captions_per_image=7)
-    stages = chain.plan(args, settings)
-    return ledger.ledger([st.cfg for st in stages], [st.samples for st in stages], 7)[1]
+    """The totals of the official CC3M chain's ledger, as chain.py --dry-run prints them."""
+    cc3m = dict(data="cc3m.csv", num_samples=recipe.CC3M_SAMPLES, batch_size=recipe.OFFICIAL_BATCH,
+                captions_per_image=recipe.OFFICIAL_CAPTIONS)
+    args = chain.parse_args(["--sizes", CC3M_CHAIN, "--tokenizer", "byte",
+                             *(f"--{k.replace('_', '-')}={v}" for k, v in cc3m.items())])
+    stages = chain.plan(args, train.Settings(**cc3m))
+    return ledger.ledger([st.cfg for st in stages], [st.samples for st in stages], recipe.OFFICIAL_CAPTIONS)[1]
 
 
 def report(config, jobs, parts, root, out):
@@ -363,7 +367,8 @@ def report(config, jobs, parts, root, out):
           "## 1. Accuracy against cost", "", *cost_md, "", "## 2. Family size (seed 0)", "", *family_md, "",
           f"## 3. Ablations of the first grown stage (mean of seeds {list(config.ablation_seeds)})", "", *ablation_md,
           "", "## 4. The official CC3M chain's ledger", "",
-          f"tiny -> small -> base -> large, 128/24/16/16 epochs, 7 captions: {cc3m['speedup']:.2f}x cheaper than "
+          f"{CC3M_CHAIN.replace(',', ' -> ')}, {'/'.join(map(str, recipe.OFFICIAL_EPOCHS))} epochs, "
+          f"{recipe.OFFICIAL_CAPTIONS} captions: {cc3m['speedup']:.2f}x cheaper than "
           f"the four alone, {100 * cc3m['saving_vs_largest']:.1f}% cheaper than large alone.", ""]
     runtime.save_text("\n".join(md), os.path.join(out, f"study-{config_name}.md"))
     print("\n".join(md))
