@@ -141,7 +141,7 @@ def schedule(args, settings, n):
     elif args.epochs or settings.data != "synthetic":
         epochs = per_stage(args.epochs, n, "--epochs") if args.epochs else official
         num_samples = settings.num_samples or data.source_size(settings)  # as train.train reads it
-        steps = [e * (num_samples // (settings.batch_size * int(os.environ.get("WORLD_SIZE", "1")))) for e in epochs]
+        steps = [e * runtime.steps_per_epoch(num_samples, settings.batch_size, runtime.world_size()) for e in epochs]
     else:
         steps, epochs = [round(recipe.CHAIN_FIRST_STEPS * e / official[0]) for e in official], [1] * n
     warmup = per_stage(args.warmup, n, "--warmup") if args.warmup else [
@@ -154,14 +154,13 @@ def schedule(args, settings, n):
 def plan(args, settings, like=None):
     """One Stage per size. like: the config of --init-from / --teacher, whose data shape is then the default."""
     sizes = parse_sizes(args.sizes)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     stages = []
     for i, (size, when) in enumerate(zip(sizes, schedule(args, settings, len(sizes)))):
         start = (f"grown from {sizes[i - 1]} ({args.grow_method}) + FD" if i else
                  f"from {args.init_from}" if args.init_from else "from scratch")
-        stage = Stage(size, train.model_config(size, args, like), replace(settings, **when),
-                      when["steps"] * settings.batch_size * world, os.path.join(args.out, f"{i + 1}-{size}"),
-                      f"stage {i + 1}/{len(sizes)}: {size}, {start}")
+        samples = when["steps"] * settings.batch_size * runtime.world_size()  # the global batch's
+        stage = Stage(size, train.model_config(size, args, like), replace(settings, **when), samples,
+                      os.path.join(args.out, f"{i + 1}-{size}"), f"stage {i + 1}/{len(sizes)}: {size}, {start}")
         train.check_settings(stage.settings)  # a bad value stops the run before any stage trains
         stages.append(stage)
     return stages

@@ -461,10 +461,7 @@ class TrainData:
         self.dataset, self.batch_size, self.workers, self.seed = dataset, batch_size, workers, seed
         self.rank, self.world_size = rank, world_size
         self.num_samples = num_samples or len(dataset)
-        self.steps_per_epoch = self.num_samples // (batch_size * world_size)
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"{self.num_samples} samples make no batch of {batch_size} x {world_size} ranks: "
-                             f"lower --batch-size or add data")
+        self.steps_per_epoch = runtime.steps_per_epoch(self.num_samples, batch_size, world_size)
         if self.num_samples > len(dataset):
             print(f"warning: --num-samples {self.num_samples} exceeds the {len(dataset)} samples of the data: "
                   f"an epoch sees some twice", file=sys.stderr)
@@ -492,8 +489,7 @@ class TrainData:
                                 generator=generator)
         else:
             order = self._order(epoch).tolist()
-            B, G = self.batch_size, self.batch_size * self.world_size
-            plan = [[(epoch, i) for i in order[t * G + self.rank * B: t * G + (self.rank + 1) * B]]
+            plan = [[(epoch, i) for i in order[runtime.rank_slice(t, self.batch_size, self.rank, self.world_size)]]
                     for t in range(start_step, self.steps_per_epoch)]
             loader = DataLoader(self.dataset, batch_sampler=plan, num_workers=self.workers, collate_fn=_collate,
                                 generator=generator)

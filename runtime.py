@@ -68,6 +68,11 @@ def init_distributed(device):
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=1))
 
 
+def world_size():
+    """The number of processes torchrun starts (WORLD_SIZE; 1 outside torchrun), known before they join a group."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def rank_and_world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
@@ -98,6 +103,27 @@ def all_ranks(obj):
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+# -----------------------------------------------------------------------------
+# an epoch's global batches, shared out over the ranks (data.py's and synthetic.py's training batches)
+
+
+def steps_per_epoch(num_samples, batch_size, world_size=1):
+    """Global batches of batch_size x world_size samples in an epoch of num_samples (the last incomplete one is
+    dropped); a one-line ValueError when there is none."""
+    steps = num_samples // (batch_size * world_size)
+    if steps == 0:
+        raise ValueError(f"{num_samples} samples make no batch of {batch_size} x {world_size} ranks: "
+                         "lower --batch-size or raise --num-samples")
+    return steps
+
+
+def rank_slice(step, batch_size, rank, world_size):
+    """Rank `rank`'s part of global batch `step` in an epoch's order of samples: global batches are consecutive
+    slices of batch_size x world_size, and rank r takes the r-th batch_size of each."""
+    first = (step * world_size + rank) * batch_size
+    return slice(first, first + batch_size)
 
 
 # -----------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from collections import Counter
 
 import torch
 
+import runtime
 from vit import MEAN, STD  # CLIP's input normalisation
 
 # -----------------------------------------------------------------------------
@@ -361,10 +362,7 @@ class TrainData:
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.image_size, self.device, self.k = image_size, torch.device(device), captions_per_image
-        self.steps_per_epoch = num_samples // (batch_size * world_size)
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"{num_samples} samples make no batch of {batch_size} x {world_size} ranks: "
-                             f"lower --batch-size or raise --num-samples")
+        self.steps_per_epoch = runtime.steps_per_epoch(num_samples, batch_size, world_size)
         self.captions = Captions(tokenizer, context_length, self.device)
         self.skipped = Counter()  # never a bad sample here; kept for the interface of data.TrainData
         self.sharded = False  # the batch order never depends on workers (data.TrainData's interface)
@@ -388,10 +386,8 @@ class TrainData:
     def batches(self, epoch, start_step=0):
         """Yield (images, tokens) for steps start_step.. of `epoch`, on the device."""
         order = self.order(epoch)
-        B, G = self.batch_size, self.batch_size * self.world_size
         for step in range(start_step, self.steps_per_epoch):
-            first = step * G + self.rank * B
-            yield self.batch(epoch, order[first:first + B])
+            yield self.batch(epoch, order[runtime.rank_slice(step, self.batch_size, self.rank, self.world_size)])
 
 
 # -----------------------------------------------------------------------------
