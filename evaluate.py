@@ -31,6 +31,7 @@ import recipe
 import runtime
 import synthetic
 import vit
+from tokenizer import prompt_tokens
 
 SIMPLE_TEMPLATES = ("itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
                     "a {} in a video game.", "art of the {}.", "a photo of the small {}.")  # open_clip's short set
@@ -51,15 +52,10 @@ def load_templates(templates, default):
     return templates
 
 
-def prompt_tokens(tokenizer, classnames, templates, context_length):
-    """Every template filled with every class name, tokenized: long [classes, templates, C]."""
-    prompts = tokenizer([t.format(c) for c in classnames for t in templates], context_length)
-    return prompts.view(len(classnames), len(templates), context_length)
-
-
 def build_eval_sets(source="synthetic", *, tokenizer, image_size, context_length, zeroshot_data=None,
                     val_data=None, templates=None, data_root=None, csv_img_key="filepath", csv_caption_key="title",
-                    caption_sep=None, captions_per_image=1, batch_size=256, workers=0, seed=0, probes=4000):
+                    caption_sep=None, captions_per_image=1, batch_size=256, workers=0, seed=0,
+                    probes=synthetic.PROBES):
     """Evaluation sets, as a dict (an absent key means no such evaluation):
 
     "zeroshot": dict(batches=iterable of (images [b,3,H,W], labels long [b]), classnames=[n names],
@@ -70,8 +66,8 @@ def build_eval_sets(source="synthetic", *, tokenizer, image_size, context_length
               fit, half as many to score (none for probes=0)
 
     Synthetic source (or val_data "synthetic"): synthetic.build_eval_sets, held out from training (other splits of its
-    generator), in memory: 20 pictures per zero-shot class, 500 retrieval pictures with 3 captions each, the probe
-    sets. zeroshot_data: an ImageFolder (prompts SIMPLE_TEMPLATES, or `templates`: a list or a file); val_data: any
+    generator), in memory: synthetic.ZEROSHOT_PER_CLASS pictures per zero-shot class, RETRIEVAL_SIZE retrieval pictures
+    with FULL_CAPTIONS captions each, the probe sets. zeroshot_data: an ImageFolder (prompts SIMPLE_TEMPLATES, or `templates`: a list or a file); val_data: any
     caption source, with k = captions_per_image. Real sets are EvalBatches, read from disk at each pass (iterate them
     once per evaluation), with bad samples left out and counted in .skipped.
     """
@@ -81,7 +77,7 @@ def build_eval_sets(source="synthetic", *, tokenizer, image_size, context_length
     if source == "synthetic" or val_data == "synthetic":
         whole = source == "synthetic"  # else only its retrieval set
         own = synthetic.build_eval_sets(tokenizer, context_length, image_size, seed, batch_size,
-                                        zeroshot_per_class=20 if whole else 0,
+                                        zeroshot_per_class=synthetic.ZEROSHOT_PER_CLASS if whole else 0,
                                         probe_sizes=(probes, probes // 2) if whole else (0, 0))
         sets = own if whole else {"retrieval": own["retrieval"]}
         if templates and "zeroshot" in sets:  # other prompts for the synthetic classes

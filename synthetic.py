@@ -21,6 +21,7 @@ from collections import Counter
 import torch
 
 import runtime
+from tokenizer import prompt_tokens
 from vit import MEAN, STD  # CLIP's input normalisation
 
 # -----------------------------------------------------------------------------
@@ -78,6 +79,9 @@ ONE = ("{size} {colour} {shape}", "{colour} {shape} {where}", "{size} {shape} {w
        "a {shape}", "{size} {shape}", "{shape} {where}")  # one object: the first three together name all it shows
 TWO = ("{shape} {relation} {shape2}", "{colour} {relation} {colour2}", "{colour} {shape} and {shape2}")
 FULL_CAPTIONS = 3      # retrieval: the first 3 paraphrases of each picture
+ZEROSHOT_PER_CLASS = 20  # held-out zero-shot pictures per class
+RETRIEVAL_SIZE = 500   # held-out retrieval pictures
+PROBES = 4000          # held-out pictures that fit the attribute probes; half as many score them
 CLASSNAMES = [f"{c} {s}" for c in COLOURS for s in SHAPES]  # the zero-shot classes
 TEMPLATES = ("a {}", "big {}", "small {}")  # zero-shot prompts, averaged per class as CLIP does
 
@@ -410,7 +414,8 @@ def probe_labels(attrs):
 
 
 def build_eval_sets(tokenizer, context_length=CONTEXT_LENGTH, image_size=IMAGE_SIZE, seed=0, batch_size=256,
-                    device="cpu", zeroshot_per_class=20, retrieval_size=500, probe_sizes=(4000, 2000)):
+                    device="cpu", zeroshot_per_class=ZEROSHOT_PER_CLASS, retrieval_size=RETRIEVAL_SIZE,
+                    probe_sizes=(PROBES, PROBES // 2)):
     """The held-out evaluation sets of the synthetic set, in memory:
 
     "zeroshot": dict(batches=[(images [b,3,H,W], labels long [b])], classnames, templates, tokens long [n, t, C])
@@ -423,10 +428,9 @@ def build_eval_sets(tokenizer, context_length=CONTEXT_LENGTH, image_size=IMAGE_S
     n = zeroshot_per_class * len(CLASSNAMES)
     images, attrs = pictures(seed, "zeroshot", n, image_size, device)
     labels = attrs["colour"][:, 0] * len(SHAPES) + attrs["shape"][:, 0]
-    prompts = tokenizer([t.format(c) for c in CLASSNAMES for t in TEMPLATES], context_length).to(device)
     sets["zeroshot"] = dict(batches=list(zip(images.split(batch_size), labels.split(batch_size))),
                             classnames=list(CLASSNAMES), templates=list(TEMPLATES),
-                            tokens=prompts.view(len(CLASSNAMES), len(TEMPLATES), context_length))
+                            tokens=prompt_tokens(tokenizer, CLASSNAMES, TEMPLATES, context_length).to(device))
     images, attrs = pictures(seed, "retrieval", retrieval_size, image_size, device)
     captions = Captions(tokenizer, context_length, device)
     tokens = torch.stack([captions(attrs, torch.full_like(attrs["count"], j)) for j in range(FULL_CAPTIONS)], 1)
