@@ -88,6 +88,11 @@ def default_shape(source, bpe=""):
 # reading real data: a bad sample raises BadSample; it is then skipped, replaced and counted by kind
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+MAX_BAD_IN_A_ROW = 100  # replacements tried for one bad sample before a run stops: the source is broken, not noisy
+
+
+def too_many_bad(kinds):
+    return RuntimeError(f"{MAX_BAD_IN_A_ROW} bad samples in a row ({dict(kinds)}): run `python data.py check DATA`")
 
 
 class BadSample(Exception):
@@ -343,13 +348,13 @@ class Pairs(Dataset):
         epoch, index = key
         rng = np.random.default_rng([self.seed, epoch, index])
         skips = []
-        while len(skips) < 100:
+        while len(skips) < MAX_BAD_IN_A_ROW:
             try:
                 return *self.item(*self.source.load(index), rng), skips
             except BadSample as e:
                 skips.append(e.kind)
                 index = int(rng.integers(len(self.source)))
-        raise RuntimeError(f"100 bad samples in a row ({dict(Counter(skips))}): run `python data.py check DATA`")
+        raise too_many_bad(Counter(skips))
 
 
 class ShardStream(IterableDataset):
@@ -413,7 +418,7 @@ class ShardStream(IterableDataset):
             if emitted <= 0:
                 continue
             own = np.random.default_rng([self.seed, self.epoch, pos])
-            for _ in range(100):
+            for _ in range(MAX_BAD_IN_A_ROW):
                 try:
                     batch.append(self.item(*parse_sample(sample, self.shards.sep, self.shards.draft), own))
                     break
@@ -422,7 +427,7 @@ class ShardStream(IterableDataset):
                     pool = list(recent) + [b for b in buffer if b is not None]
                     sample = pool[int(own.integers(len(pool)))][1]
             else:
-                raise RuntimeError(f"100 bad samples in a row ({dict(skips)}): run `python data.py check DATA`")
+                raise too_many_bad(skips)
             if len(batch) == B:
                 yield (*_collate(batch)[:2], skips)
                 batch, skips = [], Counter()

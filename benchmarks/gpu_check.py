@@ -34,6 +34,7 @@ import recipe  # noqa: E402
 import runtime  # noqa: E402
 import train  # noqa: E402
 import vit  # noqa: E402
+from tokenizer import VOCAB_SIZES  # noqa: E402
 
 SECTIONS = ("tests", "train", "ddp", "chain", "bench")
 PEAK_BF16 = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))  # dense, by device name
@@ -106,7 +107,7 @@ def bench(a, compile):
     """Training-step throughput (train.train_step on random data: no loading) of --bench-size at its batch."""
     device = runtime.pick_device(a.device)
     cfg = vit.config(a.bench_size, image_size=a.bench_image_size, patch_size=16, context_length=77,
-                     vocab_size=49408, tokenizer="clip-bpe")
+                     vocab_size=VOCAB_SIZES["clip-bpe"], tokenizer="clip-bpe")  # CLIP's ViT-*-16 text shape
     torch.manual_seed(0)
     model = vit.CLIP(cfg).to(device).train()
     if compile:

@@ -28,6 +28,7 @@ import recipe  # noqa: E402
 import runtime  # noqa: E402
 import train  # noqa: E402
 import vit  # noqa: E402
+from tokenizer import VOCAB_SIZES  # noqa: E402
 
 try:
     import open_clip
@@ -48,13 +49,14 @@ device = runtime.pick_device(args.device)
 synthetic = data.default_shape("synthetic")
 SHAPES = {  # name -> the data shape, and how long the captions of a batch are
     "224 px, patch 16, 77 tokens, captions of 77 tokens": (dict(image_size=224, patch_size=16, context_length=77,
-                                                                vocab_size=49408), 77),
+                                                                vocab_size=VOCAB_SIZES["clip-bpe"]), 77),
     "224 px, patch 16, 77 tokens, captions of at most 32": (dict(image_size=224, patch_size=16, context_length=77,
-                                                                 vocab_size=49408), 32),
+                                                                 vocab_size=VOCAB_SIZES["clip-bpe"]), 32),
     f"{synthetic['image_size']} px, patch {synthetic['patch_size']}, {synthetic['context_length']} tokens, the synthetic "
     "set's captions (the main command's stage 1)": (dict(image_size=synthetic["image_size"],
                                                          patch_size=synthetic["patch_size"],
-                                                         context_length=synthetic["context_length"], vocab_size=259),
+                                                         context_length=synthetic["context_length"],
+                                                         vocab_size=VOCAB_SIZES["byte"]),
                                                     "synthetic")}
 
 
