@@ -1,6 +1,7 @@
 """
-The runtime under training: device choice, the precision policy, the torchrun process group, atomic file writes and
-the code version. Nothing here is about CLIP or the chain; train.py and chain.py share it.
+The runtime under training: device choice, the precision policy, the torchrun process group and the share of each
+rank in an epoch's batches, atomic file writes, a run's log, the code version and one-line errors. Nothing here is
+about CLIP or the chain; train.py, chain.py, data.py and synthetic.py share it.
 """
 
 import argparse
@@ -8,6 +9,7 @@ import contextlib
 import datetime
 import errno
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -15,6 +17,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # device and precision
@@ -198,6 +201,44 @@ def git_hash():
         return head.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+# -----------------------------------------------------------------------------
+# a run's log: metrics.jsonl and the console
+
+
+def _record_step(line):
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):  # a record cut short by a crash: dropped
+        return math.inf
+
+
+class Log:
+    """metrics.jsonl and the console, written by rank 0 only: a progress bar on a terminal, plain lines in a log
+    file. A resumed run replays the steps after its checkpoint, so their old records are dropped first."""
+
+    def __init__(self, out_dir, step, total_steps, enabled):
+        self.path, self.enabled = os.path.join(out_dir, "metrics.jsonl"), enabled
+        self.tty = enabled and sys.stderr.isatty()
+        self.bar = tqdm(total=total_steps, initial=step, disable=not self.tty, unit="step", dynamic_ncols=True)
+        if enabled:
+            kept = [r for r in open(self.path) if _record_step(r) <= step] if os.path.exists(self.path) else []
+            save_text("".join(kept), self.path)
+
+    def __call__(self, record, line, always=True):
+        """Append a record; print its line (steps: only when no bar shows)."""
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if always or not self.tty:
+                tqdm.write(line)
+
+    def step(self, step, total_steps, epoch, losses, lr, logit_scale, speed):
+        record = {"step": step, "epoch": epoch, **losses, "lr": lr, "logit_scale": logit_scale, "samples_per_s": speed}
+        self.bar.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{lr:.2e}", samples_s=f"{speed:.0f}")
+        self(record, f"step {step}/{total_steps} " + " ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step"),
+             always=False)
 
 
 # -----------------------------------------------------------------------------

@@ -3,10 +3,10 @@ Train one CLIP model, optionally distilled towards a teacher: one stage of Chain
 et al., CVPR 2026, arXiv 2604.12391, Sec. 3). The smallest model of a chain trains with the CLIP loss alone; every
 larger one, grown from its predecessor (grow.py), adds feature distillation towards it (distill.py).
 
-The recipe is open_clip's: AdamW with betas (0.9, 0.98) and eps 1e-6, no weight decay on gains, biases and the logit
-scale; linear warmup, then cosine decay to 0; the logit scale clamped to [0, ln 100] after every step. A run writes
-checkpoint.pt, metrics.jsonl, config.json and, at the end, open_clip/ (an open_clip local-dir) into its folder, and
-rerunning the same command resumes it exactly. Under torchrun every process runs this file (README, "Many GPUs").
+The recipe is open_clip's (recipe.py): AdamW without weight decay on gains, biases and the logit scale; linear warmup,
+then cosine decay to 0; the logit scale clamped after every step. A run writes checkpoint.pt, metrics.jsonl,
+config.json and, at the end, open_clip/ (an open_clip local-dir) into its folder, and rerunning the same command
+resumes it exactly. Under torchrun every process runs this file (README, "Many GPUs").
 
 Deviations from open_clip's trainer: resume at step rather than epoch granularity; grad-norm clipping on by default;
 the distillation projector is saved with the student (the official CoM-PT code leaves it out); no gradient
@@ -19,7 +19,6 @@ runs on more GPUs, the loss being global, or with --grad-checkpointing).
 import json
 import math
 import os
-import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
@@ -29,7 +28,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 import data
 import evaluate
@@ -90,7 +88,6 @@ class Settings:
     log_every: int = flag(50, "log the losses every N steps")
     resume: str = flag("auto", f"auto (from OUT/{interop.RUN_CHECKPOINT} when present), none (start over) or a "
                        "checkpoint path")
-
 
 
 def check_settings(settings):
@@ -170,109 +167,7 @@ def train_step(objective, optimizer, images, tokens, lr, grad_clip, teacher=None
 
 
 # -----------------------------------------------------------------------------
-# checkpoints and logs
-
-
-def resume(path, model, optimizer, distill, settings, device, scaler, world_size, sharded):
-    """Restore a run from checkpoint `path` (interop.py reads it) after checking that it is this run's: the same
-    model, data stream, number of processes and teacher; returns (step, wall time so far in seconds, last losses).
-    sharded: the data are tar shards, whose batch order also depends on the number of workers (data.ShardStream)."""
-    ckpt = interop.load_checkpoint(path)
-    if ckpt["config"] != model.cfg.to_dict():
-        raise ValueError(f"checkpoint {path} holds a model of another config; use another --out or --resume none")
-    for key in ("data", "batch_size", "seed") + (("workers",) if sharded else ()):  # they fix the data stream
-        if ckpt["settings"][key] != getattr(settings, key):
-            why = " (the batch order of shards depends on it)" if key == "workers" else ""
-            raise ValueError(f"checkpoint {path} was trained with {key}={ckpt['settings'][key]!r}, not "
-                             f"{getattr(settings, key)!r}{why}; resume with the same value, or use another --out")
-    if ckpt.get("world_size", 1) != world_size:  # so does the number of processes (the global batch)
-        raise ValueError(f"checkpoint {path} was trained by {ckpt.get('world_size', 1)} processes, not {world_size}; "
-                         "resume with as many (torchrun --nproc_per_node x --nnodes), or use another --out")
-    if (ckpt["distill"] is None) != (distill is None):
-        raise ValueError(f"checkpoint {path} was trained {'without' if distill is not None else 'with'} a teacher; "
-                         f"resume it the same way, or use another --out")
-    return interop.restore_checkpoint(ckpt, model, optimizer, distill, scaler, device)
-
-
-def _record_step(line):
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):  # a record cut short by a crash: dropped
-        return math.inf
-
-
-class Log:
-    """metrics.jsonl and the console, written by rank 0 only: a progress bar on a terminal, plain lines in a log
-    file. A resumed run replays the steps after its checkpoint, so their old records are dropped first."""
-
-    def __init__(self, out_dir, step, total_steps, enabled):
-        self.path, self.enabled = os.path.join(out_dir, "metrics.jsonl"), enabled
-        self.tty = enabled and sys.stderr.isatty()
-        self.bar = tqdm(total=total_steps, initial=step, disable=not self.tty, unit="step", dynamic_ncols=True)
-        if enabled:
-            kept = [r for r in open(self.path) if _record_step(r) <= step] if os.path.exists(self.path) else []
-            runtime.save_text("".join(kept), self.path)
-
-    def __call__(self, record, line, always=True):
-        """Append a record; print its line (steps: only when no bar shows)."""
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if always or not self.tty:
-                tqdm.write(line)
-
-    def step(self, step, total_steps, epoch, losses, lr, logit_scale, speed):
-        record = {"step": step, "epoch": epoch, **losses, "lr": lr, "logit_scale": logit_scale, "samples_per_s": speed}
-        self.bar.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{lr:.2e}", samples_s=f"{speed:.0f}")
-        self(record, f"step {step}/{total_steps} " + " ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step"),
-             always=False)
-
-
-def evaluate_and_log(model, eval_sets, device, precision, log, step, epoch, final=False):
-    """Rank 0 evaluates; the others wait for its metrics, which every rank returns. The final evaluation adds the
-    attribute probes of the synthetic set (probe_<attribute>: what the image tower knows)."""
-    def measure():
-        metrics = evaluate.evaluate(model, eval_sets, device, precision)
-        if final and "probes" in eval_sets:
-            metrics.update(evaluate.attribute_probes(model, eval_sets["probes"], device, precision))
-        return metrics
-    metrics = runtime.from_rank0(measure() if log.enabled else None)
-    log({"step": step, "epoch": epoch, **metrics}, f"step {step} eval: " + (
-        " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) or "no eval sets (see --zeroshot-data, --val-data)"))
-    return metrics
-
-
-# -----------------------------------------------------------------------------
-# training
-
-
-def distillation(model, teacher, alpha=ALPHA):
-    """CoM-PT's feature-space transfer towards `teacher` (distill.py): FD of weight alpha, with projectors when the
-    embedding dims differ; None without a teacher."""
-    return FeatureDistill(model.cfg.embed_dim, teacher.cfg.embed_dim, alpha) if teacher is not None else None
-
-
-def check_teacher(model, teacher, distill):
-    if (teacher is None) != (distill is None):
-        raise ValueError("train() needs both a teacher and a distillation module, or neither")
-    for key in ("image_size", "context_length", "vocab_size", "tokenizer") if teacher is not None else ():
-        if getattr(teacher.cfg, key) != getattr(model.cfg, key):  # the teacher sees the student's batches
-            raise ValueError(f"teacher {key} {getattr(teacher.cfg, key)!r} differs from the student's "
-                             f"{getattr(model.cfg, key)!r}; give both the same data shape")
-
-
-def prepare(model, teacher, distill, settings, device, precision):
-    """Models on the device in their modes; the loss module, AdamW and the fp16 grad scaler."""
-    model.to(device).train()
-    model.set_grad_checkpointing(settings.grad_checkpointing)
-    if settings.compile:  # in place: the state dict keeps its keys (no _orig_mod.)
-        model.visual.compile()
-        model.transformer.compile()
-    if teacher is not None:
-        teacher.to(device).eval()
-        distill.to(device).train()
-    optimizer = recipe.make_optimizer(model, settings.lr, settings.wd, device, distill)
-    return Objective(model, distill), optimizer, torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+# training: setup, the loop, the end
 
 
 def train(model, settings, out_dir, *, teacher=None, distill=None):
@@ -307,7 +202,7 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
                            "torch": torch.__version__, "device": str(device), "precision": precision,
                            "world_size": world_size, "teacher": teacher.cfg.to_dict() if teacher is not None else None},
                           os.path.join(out_dir, "config.json"))
-    log = Log(out_dir, step, total_steps, enabled=rank == 0)
+    log = runtime.Log(out_dir, step, total_steps, enabled=rank == 0)  # metrics.jsonl and the console
     t_start = t_log = time.time()
     step_log = step
     while step < total_steps:
@@ -345,6 +240,74 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
     skipped = sum(runtime.all_ranks(train_data.skipped), Counter())  # bad samples met, by kind, on all ranks
     return {"step": step, "num_samples": train_data.num_samples, "samples_seen": step * settings.batch_size * world_size,
             "wall_time_s": wall_time + time.time() - t_start, **losses, **metrics, "skipped": dict(skipped)}
+
+
+# -----------------------------------------------------------------------------
+# what train() calls: the distillation module, setup, resume, evaluation
+
+
+def distillation(model, teacher, alpha=ALPHA):
+    """CoM-PT's feature-space transfer towards `teacher` (distill.py): FD of weight alpha, with projectors when the
+    embedding dims differ; None without a teacher."""
+    return FeatureDistill(model.cfg.embed_dim, teacher.cfg.embed_dim, alpha) if teacher is not None else None
+
+
+def check_teacher(model, teacher, distill):
+    if (teacher is None) != (distill is None):
+        raise ValueError("train() needs both a teacher and a distillation module, or neither")
+    for key in ("image_size", "context_length", "vocab_size", "tokenizer") if teacher is not None else ():
+        if getattr(teacher.cfg, key) != getattr(model.cfg, key):  # the teacher sees the student's batches
+            raise ValueError(f"teacher {key} {getattr(teacher.cfg, key)!r} differs from the student's "
+                             f"{getattr(model.cfg, key)!r}; give both the same data shape")
+
+
+def prepare(model, teacher, distill, settings, device, precision):
+    """Models on the device in their modes; the loss module, AdamW and the fp16 grad scaler."""
+    model.to(device).train()
+    model.set_grad_checkpointing(settings.grad_checkpointing)
+    if settings.compile:  # in place: the state dict keeps its keys (no _orig_mod.)
+        model.visual.compile()
+        model.transformer.compile()
+    if teacher is not None:
+        teacher.to(device).eval()
+        distill.to(device).train()
+    optimizer = recipe.make_optimizer(model, settings.lr, settings.wd, device, distill)
+    return Objective(model, distill), optimizer, torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def resume(path, model, optimizer, distill, settings, device, scaler, world_size, sharded):
+    """Restore a run from checkpoint `path` (interop.py reads it) after checking that it is this run's: the same
+    model, data stream, number of processes and teacher; returns (step, wall time so far in seconds, last losses).
+    sharded: the data are tar shards, whose batch order also depends on the number of workers (data.ShardStream)."""
+    ckpt = interop.load_checkpoint(path)
+    if ckpt["config"] != model.cfg.to_dict():
+        raise ValueError(f"checkpoint {path} holds a model of another config; use another --out or --resume none")
+    for key in ("data", "batch_size", "seed") + (("workers",) if sharded else ()):  # they fix the data stream
+        if ckpt["settings"][key] != getattr(settings, key):
+            why = " (the batch order of shards depends on it)" if key == "workers" else ""
+            raise ValueError(f"checkpoint {path} was trained with {key}={ckpt['settings'][key]!r}, not "
+                             f"{getattr(settings, key)!r}{why}; resume with the same value, or use another --out")
+    if ckpt.get("world_size", 1) != world_size:  # so does the number of processes (the global batch)
+        raise ValueError(f"checkpoint {path} was trained by {ckpt.get('world_size', 1)} processes, not {world_size}; "
+                         "resume with as many (torchrun --nproc_per_node x --nnodes), or use another --out")
+    if (ckpt["distill"] is None) != (distill is None):
+        raise ValueError(f"checkpoint {path} was trained {'without' if distill is not None else 'with'} a teacher; "
+                         f"resume it the same way, or use another --out")
+    return interop.restore_checkpoint(ckpt, model, optimizer, distill, scaler, device)
+
+
+def evaluate_and_log(model, eval_sets, device, precision, log, step, epoch, final=False):
+    """Rank 0 evaluates; the others wait for its metrics, which every rank returns. The final evaluation adds the
+    attribute probes of the synthetic set (probe_<attribute>: what the image tower knows)."""
+    def measure():
+        metrics = evaluate.evaluate(model, eval_sets, device, precision)
+        if final and "probes" in eval_sets:
+            metrics.update(evaluate.attribute_probes(model, eval_sets["probes"], device, precision))
+        return metrics
+    metrics = runtime.from_rank0(measure() if log.enabled else None)
+    log({"step": step, "epoch": epoch, **metrics}, f"step {step} eval: " + (
+        " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) or "no eval sets (see --zeroshot-data, --val-data)"))
+    return metrics
 
 
 # -----------------------------------------------------------------------------

@@ -22,7 +22,6 @@ results/study-<config>.json and results/study-<config>-*.svg. What is measured, 
    5000; the grown stage's peak lr and warmup.
 4. The ledger of the official CC3M chain (chain.py --dry-run).
 """
-import argparse
 import math
 import os
 import statistics
