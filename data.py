@@ -58,7 +58,7 @@ def _to_rgb(image):
 
 def train_transform(image_size):
     return T.Compose([
-        T.RandomResizedCrop(image_size, scale=(0.9, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomResizedCrop(image_size, scale=(0.9, 1.0), interpolation=T.InterpolationMode.BICUBIC),  # open_clip's
         _to_rgb, T.ToTensor(), T.Normalize(MEAN, STD)])
 
 
@@ -207,7 +207,7 @@ def read_csv(path, data_root=None, img_key="filepath", caption_key="title", sep=
             captions.append("\x1f".join((row[k] or "").replace("\x1f", " ") for k in keys))
     if not images:
         raise ValueError(f"{path}: no rows")
-    if not any(os.path.isfile(p) for p in images[:20]):
+    if not any(os.path.isfile(p) for p in images[:20]):  # the first 20 all missing: a wrong root, not bad samples
         raise FileNotFoundError(f"{path}: images not found (the first is {images[0]}); pass --data-root, the folder "
                                 f"that the {img_key!r} paths are relative to")
     return Files(images, captions, sep=sep, draft=draft)
@@ -329,6 +329,7 @@ class Item:
         pick = rng.choice(len(captions), self.k, replace=len(captions) < self.k)
         tokens = self.tokenizer([captions[i] for i in pick], self.C)  # (k, C)
         with torch.random.fork_rng(devices=[]):
+            # a torch seed from the sample's numpy generator: any integer below 2^63 (torch's int64) will do
             torch.default_generator.manual_seed(int(rng.integers(2**62)))
             image = self.transform(image)
         return image, tokens[0] if self.k == 1 else tokens
@@ -365,7 +366,7 @@ class ShardStream(IterableDataset):
     the tail, as with drop_last), the stream is a function of (seed, epoch, world size, workers), and a resume
     passes over the earlier batches of the epoch without decoding them."""
 
-    buffer_size = 1000
+    buffer_size = 1000  # samples in the shuffle buffer of each lane (webdataset's usual size)
 
     def __init__(self, shards, item, seed):
         self.shards, self.item, self.seed = shards, item, seed
@@ -400,7 +401,7 @@ class ShardStream(IterableDataset):
         B, n = self.batch_size, len(range(lane, self.steps, L))
         begin = B * (self.rank * self.steps + sum(len(range(l, self.steps, L)) for l in range(lane)))
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, L, lane])
-        buffer, recent, batch, skips = [], deque(maxlen=100), [], Counter()
+        buffer, recent, batch, skips = [], deque(maxlen=100), [], Counter()  # recent: replacements for a bad sample
         emitted = -B * len(range(lane, self.start_step, L))  # < 0: batches already trained on, not decoded
         for new in chain(self._read(begin, begin + n * B), [None] * self.buffer_size):
             if new is not None and len(buffer) < self.buffer_size:
@@ -480,7 +481,7 @@ class TrainData:
         return isinstance(self.dataset, ShardStream)
 
     def _order(self, epoch):
-        g = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, epoch]).integers(2**62)))
+        g = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, epoch]).integers(2**62)))  # as in Item
         n = len(self.dataset)
         reps = math.ceil(self.num_samples / n)  # an epoch longer than the data wraps around
         return torch.cat([torch.randperm(n, generator=g) for _ in range(reps)])[:self.num_samples]
@@ -648,7 +649,7 @@ def check(source, workers=0, **source_args):
     if len(src) == 0:
         raise ValueError(f"{source}: no samples to check (an empty source, or shards that are not tar archives)")
     items = EvalItems(src, eval_transform(8), get_tokenizer("byte"), 2)  # decoded in full, then made tiny
-    batches = EvalBatches(EvalShards(items) if isinstance(src, Shards) else items, 256, workers)
+    batches = EvalBatches(EvalShards(items) if isinstance(src, Shards) else items, 256, workers)  # 256 a batch
     good = sum(len(images) for images, _ in tqdm(batches, desc=f"checking {source}"))
     print(f"{source}: {len(src)} samples expected, {good} good, {sum(batches.skipped.values())} bad")
     for kind, n in sorted(batches.skipped.items()):

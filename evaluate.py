@@ -67,9 +67,10 @@ def build_eval_sets(source="synthetic", *, tokenizer, image_size, context_length
 
     Synthetic source (or val_data "synthetic"): synthetic.build_eval_sets, held out from training (other splits of its
     generator), in memory: synthetic.ZEROSHOT_PER_CLASS pictures per zero-shot class, RETRIEVAL_SIZE retrieval pictures
-    with FULL_CAPTIONS captions each, the probe sets. zeroshot_data: an ImageFolder (prompts SIMPLE_TEMPLATES, or `templates`: a list or a file); val_data: any
-    caption source, with k = captions_per_image. Real sets are EvalBatches, read from disk at each pass (iterate them
-    once per evaluation), with bad samples left out and counted in .skipped.
+    with FULL_CAPTIONS captions each, the probe sets. zeroshot_data: an ImageFolder (prompts SIMPLE_TEMPLATES, or
+    `templates`: a list or a file); val_data: any caption source, with k = captions_per_image. Real sets are
+    EvalBatches, read from disk at each pass (iterate them once per evaluation), with bad samples left out and counted
+    in .skipped.
     """
     if isinstance(tokenizer, str):
         tokenizer = data.get_tokenizer(tokenizer)
@@ -221,11 +222,13 @@ def fit_logistic(features, labels, n_classes, weight_decay, start=None, max_iter
     """Multinomial logistic regression by full-batch L-BFGS: mean cross-entropy + weight_decay / 2 * |W|^2 (the bias
     is not decayed), on features standardised with their own mean and std. Returns (W (D, K), b (K,)) for the raw
     features, deterministic (from zeros, or from `start`, an earlier solution on the same features)."""
-    mean, std = features.mean(dim=0), features.std(dim=0) + 1e-6
+    mean, std = features.mean(dim=0), features.std(dim=0) + 1e-6  # + 1e-6: a constant feature divides by no zero
     x = (features - mean) / std  # (N, D)
     W, b = (torch.zeros(x.shape[1], n_classes, device=x.device), torch.zeros(n_classes, device=x.device)) \
         if start is None else (start[0] * std[:, None], start[1] + mean @ start[0])
     W, b = W.clone().requires_grad_(), b.clone().requires_grad_()
+    # the CLIP paper's solver: L-BFGS; lr 1 is the quasi-Newton step, which the strong-Wolfe line search then scales;
+    # max_iter 100 as scikit-learn's LogisticRegression; 20 past gradients kept; done once the gradient is below 1e-5
     optimizer = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=1e-5,
                                   line_search_fn="strong_wolfe")
 

@@ -16,6 +16,7 @@ import torch
 
 BETAS = (0.9, 0.98)  # CLIP (Radford et al., 2021) and open_clip: beta2 0.98 for stability at large batch
 EPS = 1e-6           # CLIP and open_clip
+WEIGHT_DECAY = 0.1   # the official CoM-PT scripts'; only on matrices (param_groups)
 LOGIT_SCALE_MAX = math.log(100)  # CLIP: the learned temperature is clipped so that logits are scaled by at most 100
 
 

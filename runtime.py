@@ -162,7 +162,7 @@ def atomic_write(path, write):
 
 def _nearly_full(path):
     try:
-        return shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 1 << 20
+        return shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 1 << 20  # under 1 MiB left
     except OSError:
         return False
 

@@ -63,8 +63,8 @@ class Settings:
     val_data: str = flag("", "retrieval set: synthetic or a source of the --data kinds (synthetic data: its own)")
     templates: str = flag("", "file of zero-shot prompts, one a line with {} for the class name (default: 7 "
                           "open_clip prompts for --zeroshot-data, 3 for synthetic)")
-    probes: int = flag(synthetic.PROBES, "synthetic data: pictures that fit the linear probes of its attributes at the end of a run "
-                       "(half as many score them; 0: no probes)")
+    probes: int = flag(synthetic.PROBES, "synthetic data: pictures that fit the linear probes of its attributes at the "
+                       "end of a run (half as many score them; 0: no probes)")
     bpe: str = flag("", "CLIP BPE vocabulary file (bpe_simple_vocab_16e6.txt.gz) for --tokenizer clip-bpe")
     workers: int = flag(0, "data loading processes (0: load in the training process)")
     # optimisation
@@ -72,7 +72,7 @@ class Settings:
     steps: int = flag(0, "total optimizer steps; overrides --epochs (0: epochs x steps per epoch)")
     batch_size: int = flag(recipe.TRAIN_BATCH, "image-text pairs per step and process")
     lr: float = flag(recipe.TRAIN_LR, "peak AdamW learning rate")
-    wd: float = flag(0.1, "AdamW weight decay (not on gains, biases and the logit scale)")
+    wd: float = flag(recipe.WEIGHT_DECAY, "AdamW weight decay (not on gains, biases and the logit scale)")
     warmup: int = flag(recipe.TRAIN_WARMUP, "linear learning-rate warmup, in steps")
     grad_clip: float = flag(1.0, "largest global gradient norm (0: no clipping)")
     seed: int = flag(0, "seed of the model's initialisation and of the data order and augmentation")
@@ -157,7 +157,7 @@ def train_step(objective, optimizer, images, tokens, lr, grad_clip, teacher=None
         nn.utils.clip_grad_norm_(objective.parameters(), grad_clip)
     scaler.step(optimizer)  # fp16: skipped when a gradient overflowed
     scaler.update()
-    with torch.no_grad():
+    with torch.no_grad():  # CLIP's bound on the learned temperature: the logits' scale stays in [1, 100]
         getattr(objective, "module", objective).model.logit_scale.clamp_(0, recipe.LOGIT_SCALE_MAX)
     values = torch.stack([loss.detach(), *(v.detach() for v in losses.values())])
     if dist.is_initialized():  # each rank's loss averages its own rows of the global batch: their mean is the global loss
