@@ -1,6 +1,7 @@
 """
-Data for CLIP pre-training: open_clip's transforms, readers for the formats CC3M comes in, training batches, and the
-labelled images and caption sets that evaluate.py scores. The tokenizers live in tokenizer.py (re-exported here), the
+Data for CLIP pre-training: open_clip's transforms, readers for the formats CC3M (the paper's data, Sec. 4) comes in,
+training batches (train_data_for: a run's, from train.py's settings), and the labelled images and caption sets that
+evaluate.py scores. The tokenizers live in tokenizer.py (re-exported here), the
 embedded synthetic set in synthetic.py (the default source, `synthetic`, needs no files). `python data.py check
 SOURCE` reads a source end to end and counts its good and bad samples.
 

@@ -1,5 +1,6 @@
 """
-Checkpoint interop: open_clip and the official CoM-PT model zoo in, open_clip `local-dir` folders out.
+Checkpoint files: open_clip and the official CoM-PT model zoo in, open_clip `local-dir` folders out, and train.py's own
+checkpoint.pt (its layout is written and read back only here: save_checkpoint, load_checkpoint, restore_checkpoint).
 
 vit.CLIP has open_clip's state-dict keys and shapes (tests/test_openclip_parity.py), so moving weights between the
 two is a matter of file layout, never of key surgery on the model. This file holds that layout:

@@ -1,5 +1,6 @@
 """
-The embedded synthetic image-caption set, drawn in batches on any device (torch only).
+The embedded synthetic image-caption set, drawn in batches on any device with tensor ops (no image library).
+Not part of the paper, which trains on CC3M (Sec. 4): a stand-in on which a chain of CLIP models trains on a CPU.
 
 Pictures of coloured shapes with captions, for training CLIP models without files. Every attribute of picture
 `index` of a split comes from a counter-based hash of (seed, split, index), computed with integer tensor ops, so a
