@@ -135,7 +135,7 @@ def schedule(args, settings, n):
     model 128 epochs with 8000 warmup steps, the grown ones 24, 16, 16 (a longer chain repeats 16) with 1000, all at
     peak lr 1e-3; the warmups kept as the same fraction of each stage, but at least MIN_WARMUP steps. On the synthetic
     set: CHAIN_FIRST_STEPS steps for the smallest model and the official proportions for the rest, at CHAIN_LR."""
-    official = [recipe.OFFICIAL_EPOCHS[min(i, len(recipe.OFFICIAL_EPOCHS) - 1)] for i in range(n)]
+    official = recipe.official_epochs(n)
     if args.steps:
         steps, epochs = per_stage(args.steps, n, "--steps"), [1] * n
     elif args.epochs or settings.data != "synthetic":

@@ -61,6 +61,11 @@ CC3M_STEPS_PER_EPOCH = CC3M_SAMPLES // OFFICIAL_BATCH
 MIN_WARMUP = 50  # ~1 / (1 - beta2) steps: AdamW's second-moment estimate needs about that long to settle
 
 
+def official_epochs(n):
+    """The official CC3M epochs of each model of a chain of n: 128, 24, 16, 16, then 16 for any further one."""
+    return [OFFICIAL_EPOCHS[min(i, len(OFFICIAL_EPOCHS) - 1)] for i in range(n)]
+
+
 def official_warmup(steps, grown, epochs):
     """The official warmup (8000 steps for the first model, 1000 for a grown one, over `epochs` CC3M epochs) as the
     same fraction of a stage of `steps` steps: at least MIN_WARMUP, at most half the stage."""

@@ -145,8 +145,7 @@ def plan(config):
                     parts["ablation"].append((tag, key(variant.name)))
     for family in config.families:  # part 2: the official stage lengths, seed 0, and every member's twin
         predecessor, keys = add(alone(family[0], L, 0)), [f"{family[0]}-{L}"]
-        for i, size in enumerate(family[1:], 1):
-            epochs = recipe.OFFICIAL_EPOCHS[min(i, len(recipe.OFFICIAL_EPOCHS) - 1)]
+        for size, epochs in zip(family[1:], recipe.official_epochs(len(family))[1:]):
             predecessor = add(grown(size, round(L * epochs / E), predecessor))
             keys.append(key(predecessor.name))
             add(alone(size, L, 0))
