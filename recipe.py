@@ -56,7 +56,7 @@ OFFICIAL_WARMUP = (8000, 1000)       # steps: the smallest model, every grown on
 OFFICIAL_LR = 1e-3                   # peak AdamW lr of every stage
 OFFICIAL_BATCH = 1024                # global batch: 8 GPUs x 128
 OFFICIAL_CAPTIONS = 7                # captions per image in the paper's long-caption mode
-CC3M_SAMPLES = 2_905_954             # image-text pairs of CC3M's training split as the official runs have it
+CC3M_SAMPLES = 2_905_954             # CC3M's training pairs: open_clip's reference size, pixparse/cc3m-wds's count
 CC3M_STEPS_PER_EPOCH = CC3M_SAMPLES // OFFICIAL_BATCH
 MIN_WARMUP = 50  # ~1 / (1 - beta2) steps: AdamW's second-moment estimate needs about that long to settle
 
