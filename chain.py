@@ -1,6 +1,6 @@
 """
 The model chain of Chain-of-Models Pre-Training (CoM-PT, Fan et al., CVPR 2026, arXiv 2604.12391, Sec. 3) in one
-command, with its cost ledger.
+command, with its cost ledger (ledger.py).
 
 The smallest CLIP of the chain is trained from scratch. Every larger one starts from its trained predecessor's weights
 (grow.py: the parameter-space transfer) and trains with the CLIP loss plus feature distillation towards the
@@ -24,26 +24,18 @@ import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
 
-import torch
-
 import data
+import evaluate
 import grow
 import interop
+import ledger
+import recipe
 import runtime
 import train
 import vit
-from distill import FeatureDistill
 
-OFFICIAL_EPOCHS = (128, 24, 16, 16)  # training_script/cc3m_vit: tiny from scratch, then small, base, large
-OFFICIAL_WARMUP = (8000, 1000)       # steps: the smallest model, every grown one
-CC3M_STEPS_PER_EPOCH = 2_905_954 // 1024  # the official global batch, 8 GPUs x 128
-OFFICIAL_LR = 1e-3
-MIN_WARMUP = 50  # ~1 / (1 - beta2) steps: AdamW's second-moment estimate needs about that long to settle
-SYNTHETIC_FIRST_STEPS = 500  # the smallest model's steps on the synthetic set (tiny,small,base: under 10 min on 2 CPU cores)
-SYNTHETIC_LR = 3e-4  # the official 1e-3 is for the official global batch of 1024; on the synthetic set at batch 32 the
-# 12-layer sizes learn only colour at 1e-3 (tiny, 500 steps: loss flat at 3.1, zero-shot 11.3%), at 3e-4 they learn
-# shape too (loss 2.4, 24.5%); the 2-layer cpu-* sizes learn well at 1e-3 (pass --lr 1e-3)
-DEFAULTS = dict(batch_size=32)  # the chain's own defaults for train.py's flags
+RESULT = "result.json"  # a finished stage's metrics, beside train.py's files
+DEFAULTS = dict(batch_size=recipe.CHAIN_BATCH)  # the chain's own defaults for train.py's flags
 PER_STAGE = ("epochs", "steps", "warmup", "lr", "resume")  # train.Settings fields the chain sets per stage
 RUNTIME = ("device", "workers", "eval_every", "save_every", "log_every", "grad_checkpointing", "compile")  # free on resume
 
@@ -56,6 +48,58 @@ class Stage:
     samples: int  # image-text pairs it will see
     dir: str  # its output folder
     label: str  # how it starts, for the console
+
+
+# -----------------------------------------------------------------------------
+# the chain
+
+
+def run_chain(stages, model, teacher, grow_method, alpha):
+    """The paper's loop: the first model trains (from scratch, or as main built it: --init-from, --teacher); every
+    larger one is grown from its trained predecessor and trained with feature distillation towards it."""
+    results = []
+    for i, stage in enumerate(stages):
+        if i > 0:
+            teacher = model  # the trained predecessor
+            model = grown(teacher, stage, grow_method)  # parameter space
+        distill = train.distillation(model, teacher, alpha)  # feature space: FD towards the teacher
+        results.append(train_stage(stage, model, teacher, distill))  # trains `model` in place
+    return results
+
+
+def grown(teacher, stage, method):
+    """The stage's model, freshly initialised (it fills whatever the growth does not cover), then grown from the
+    teacher's weights."""
+    model = train.first_model(stage.cfg, stage.settings.seed)
+    small = {k: v.cpu() for k, v in teacher.state_dict().items()}
+    model.load_state_dict(grow.grow(small, model.state_dict(), teacher.cfg, model.cfg, method=method,
+                                    seed=stage.settings.seed))
+    return model
+
+
+def train_stage(stage, model, teacher=None, distill=None):
+    """Train `model` for one stage, once: a finished stage (result.json) is read back into `model`, an interrupted
+    one resumes from its checkpoint. Under torchrun every rank trains; rank 0 writes result.json."""
+    path = os.path.join(stage.dir, RESULT)
+    if os.path.exists(path):
+        model.load_state_dict(interop.load_checkpoint(os.path.join(stage.dir, interop.RUN_CHECKPOINT))["model"])
+        return runtime.load_json(path, "stage result")
+    if runtime.is_rank0():
+        print(f"== {stage.label}", flush=True)
+    result = json.loads(json.dumps(train.train(model, stage.settings, stage.dir, teacher=teacher, distill=distill)))
+    if runtime.is_rank0():  # as it reads back
+        runtime.save_json(result, path)
+    return result
+
+
+def run_baselines(stages, out, first_result):
+    """Every size trained alone with the first stage's schedule; the smallest is the chain's first stage itself."""
+    twins = [first_result]
+    for stage in stages[1:]:
+        twin = replace(stages[0], size=stage.size, cfg=stage.cfg, dir=os.path.join(out, f"baseline-{stage.size}"),
+                       label=f"baseline: {stage.size} from scratch")
+        twins.append(train_stage(twin, train.first_model(twin.cfg, twin.settings.seed)))
+    return twins
 
 
 # -----------------------------------------------------------------------------
@@ -86,119 +130,44 @@ def per_stage(text, n, flag, kind=int):
     return values * n if len(values) == 1 else values
 
 
-def official_warmup(steps, grown, epochs):
-    """The official warmup (8000 steps for the first model, 1000 for a grown one, over `epochs` CC3M epochs) as the
-    same fraction of a stage of `steps` steps: at least MIN_WARMUP, at most half the stage."""
-    return min(steps // 2, max(MIN_WARMUP, round(steps * OFFICIAL_WARMUP[grown] / (epochs * CC3M_STEPS_PER_EPOCH))))
-
-
 def schedule(args, settings, n):
-    """Steps, epochs, warmup and peak lr per stage. By default the official CC3M scripts': the smallest model 128
-    epochs with 8000 warmup steps, the grown ones 24, 16, 16 (a longer chain repeats 16) with 1000, all at peak lr
-    1e-3; the warmups kept as the same fraction of each stage, but at least MIN_WARMUP steps. On the synthetic set:
-    SYNTHETIC_FIRST_STEPS steps for the smallest model and the official proportions for the rest, at SYNTHETIC_LR."""
-    official = [OFFICIAL_EPOCHS[min(i, len(OFFICIAL_EPOCHS) - 1)] for i in range(n)]
+    """Steps, epochs, warmup and peak lr per stage. By default the official CC3M scripts' (recipe.py): the smallest
+    model 128 epochs with 8000 warmup steps, the grown ones 24, 16, 16 (a longer chain repeats 16) with 1000, all at
+    peak lr 1e-3; the warmups kept as the same fraction of each stage, but at least MIN_WARMUP steps. On the synthetic
+    set: CHAIN_FIRST_STEPS steps for the smallest model and the official proportions for the rest, at CHAIN_LR."""
+    official = recipe.official_epochs(n)
     if args.steps:
         steps, epochs = per_stage(args.steps, n, "--steps"), [1] * n
     elif args.epochs or settings.data != "synthetic":
         epochs = per_stage(args.epochs, n, "--epochs") if args.epochs else official
-        num_samples = settings.num_samples or data.build_train_data(  # as train.train reads it
-            settings.data, tokenizer="byte", image_size=8, context_length=2, batch_size=settings.batch_size, seed=0,
-            **train.source_args(settings)).num_samples
-        steps = [e * (num_samples // (settings.batch_size * int(os.environ.get("WORLD_SIZE", "1")))) for e in epochs]
+        num_samples = settings.num_samples or data.source_size(settings)  # as train.train reads it
+        steps = [e * runtime.steps_per_epoch(num_samples, settings.batch_size, runtime.world_size()) for e in epochs]
     else:
-        steps, epochs = [round(SYNTHETIC_FIRST_STEPS * e / official[0]) for e in official], [1] * n
+        steps, epochs = [round(recipe.CHAIN_FIRST_STEPS * e / official[0]) for e in official], [1] * n
     warmup = per_stage(args.warmup, n, "--warmup") if args.warmup else [
-        official_warmup(s, i > 0, e) for i, (s, e) in enumerate(zip(steps, official))]
+        recipe.official_warmup(s, i > 0, e) for i, (s, e) in enumerate(zip(steps, official))]
     lr = per_stage(args.lr, n, "--lr", float) if args.lr else \
-        [SYNTHETIC_LR if settings.data == "synthetic" else OFFICIAL_LR] * n
+        [recipe.CHAIN_LR if settings.data == "synthetic" else recipe.OFFICIAL_LR] * n
     return [dict(steps=s, epochs=e, warmup=w, lr=r) for s, e, w, r in zip(steps, epochs, warmup, lr)]
 
 
 def plan(args, settings, like=None):
     """One Stage per size. like: the config of --init-from / --teacher, whose data shape is then the default."""
     sizes = parse_sizes(args.sizes)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     stages = []
     for i, (size, when) in enumerate(zip(sizes, schedule(args, settings, len(sizes)))):
         start = (f"grown from {sizes[i - 1]} ({args.grow_method}) + FD" if i else
                  f"from {args.init_from}" if args.init_from else "from scratch")
-        stage = Stage(size, train.model_config(size, args, like), replace(settings, **when),
-                      when["steps"] * settings.batch_size * world, os.path.join(args.out, f"{i + 1}-{size}"),
-                      f"stage {i + 1}/{len(sizes)}: {size}, {start}")
+        samples = when["steps"] * settings.batch_size * runtime.world_size()  # the global batch's
+        stage = Stage(size, train.model_config(size, args, like), replace(settings, **when), samples,
+                      os.path.join(args.out, f"{i + 1}-{size}"), f"stage {i + 1}/{len(sizes)}: {size}, {start}")
         train.check_settings(stage.settings)  # a bad value stops the run before any stage trains
         stages.append(stage)
     return stages
 
 
-def ledger(cfgs, samples, captions=1):
-    """Training FLOPs of each stage and of training each size independently with the first stage's samples; totals,
-    the acceleration ratio and the saving against the largest model alone. The convention that reproduces the paper
-    (README): a step costs 3 x the student's forward FLOPs (forward + backward) plus 1 x the teacher's, per sample
-    (vit.image_text_flops, the text cost x captions per image)."""
-    fwd = [image + captions * text for image, text in map(vit.image_text_flops, cfgs)]
-    rows = [dict(params=vit.count_params(cfg), flops_per_sample=f, samples=n,
-                 train_flops=n * (3 * f + (fwd[i - 1] if i else 0)), independent_flops=samples[0] * 3 * f)
-            for i, (cfg, f, n) in enumerate(zip(cfgs, fwd, samples))]
-    chain, independent = sum(r["train_flops"] for r in rows), sum(r["independent_flops"] for r in rows)
-    return rows, dict(train_flops=chain, independent_flops=independent, speedup=independent / chain,
-                      saving_vs_largest=1 - chain / rows[-1]["independent_flops"])
-
-
 # -----------------------------------------------------------------------------
-# the chain
-
-
-def run_chain(stages, model, teacher, grow_method, alpha):
-    """The paper's loop: the first model trains (from scratch, or as main built it: --init-from, --teacher); every
-    larger one is grown from its trained predecessor and trained with feature distillation towards it."""
-    results = []
-    for i, stage in enumerate(stages):
-        if i > 0:
-            teacher = model  # the trained predecessor
-            model = grown(teacher, stage, grow_method)  # parameter space
-        distill = FeatureDistill(model.cfg.embed_dim, teacher.cfg.embed_dim, alpha) if teacher else None
-        results.append(train_stage(stage, model, teacher, distill))  # trains `model` in place (feature space: FD)
-    return results
-
-
-def grown(teacher, stage, method):
-    """The stage's model, freshly initialised (it fills whatever the growth does not cover), then grown from the
-    teacher's weights."""
-    model = train.first_model(stage.cfg, stage.settings.seed)
-    small = {k: v.cpu() for k, v in teacher.state_dict().items()}
-    model.load_state_dict(grow.grow(small, model.state_dict(), teacher.cfg, model.cfg, method=method,
-                                    seed=stage.settings.seed))
-    return model
-
-
-def train_stage(stage, model, teacher=None, distill=None):
-    """Train `model` for one stage, once: a finished stage (result.json) is read back into `model`, an interrupted
-    one resumes from its checkpoint. Under torchrun every rank trains; rank 0 writes result.json."""
-    path = os.path.join(stage.dir, "result.json")
-    if os.path.exists(path):
-        model.load_state_dict(interop.load_checkpoint(os.path.join(stage.dir, "checkpoint.pt"))["model"])
-        return runtime.load_json(path, "stage result")
-    if runtime.is_rank0():
-        print(f"== {stage.label}", flush=True)
-    result = json.loads(json.dumps(train.train(model, stage.settings, stage.dir, teacher=teacher, distill=distill)))
-    if runtime.is_rank0():  # as it reads back
-        runtime.save_json(result, path)
-    return result
-
-
-def run_baselines(stages, out, first_result):
-    """Every size trained alone with the first stage's schedule; the smallest is the chain's first stage itself."""
-    twins = [first_result]
-    for stage in stages[1:]:
-        twin = replace(stages[0], size=stage.size, cfg=stage.cfg, dir=os.path.join(out, f"baseline-{stage.size}"),
-                       label=f"baseline: {stage.size} from scratch")
-        twins.append(train_stage(twin, train.first_model(twin.cfg, twin.settings.seed)))
-    return twins
-
-
-# -----------------------------------------------------------------------------
-# manifest and report
+# command line: inputs checked before any work, the run's manifest, main
 
 
 def check_manifest(out, manifest):
@@ -217,69 +186,27 @@ def check_manifest(out, manifest):
         runtime.save_json(manifest, path)
 
 
-METRICS = ("zeroshot_top1", "zeroshot_top5", "i2t_R@1", "t2i_R@1")  # the ones report.md shows (report.json: all)
-
-
-def report(stages, ledger_rows, totals, results=None, twins=None):
-    """report.json's content and report.md's text; ledger_rows, totals: ledger(); results / twins: train()'s metrics of
-    the chain / the baselines."""
-    def measured(r):
-        return {k: v for k, v in r.items() if k == "wall_time_s" or k.startswith(("zeroshot", "i2t", "t2i", "probe_"))}
-
-    def cells(d, keys):
-        return [f"{100 * d[k]:.1f}%" if k in d else "-" for k in keys]
-    rows = [dict(size=st.size, **{k: r[k] for k in ("params", "flops_per_sample", "samples", "train_flops")},
-                 **(measured(results[i]) if results else {})) for i, (st, r) in enumerate(zip(stages, ledger_rows))]
-    md = ["| stage | size | params | GFLOPs/sample | samples | training FLOPs | wall (s) | zero-shot top-1 | top-5 | "
-          "i2t R@1 | t2i R@1 |", "|" + " --- |" * 11]
-    for i, row in enumerate(rows):
-        md.append(f"| {i + 1} | {row['size']} | {row['params'] / 1e6:.1f}M | {row['flops_per_sample'] / 1e9:.3g} | "
-                  f"{row['samples']} | {row['train_flops']:.3g} | {round(row['wall_time_s']) if results else '-'} | " +
-                  " | ".join(cells(row, METRICS)) + " |")
-    if results:
-        totals["wall_time_s"] = sum(r["wall_time_s"] for r in results)
-    if twins:
-        totals["alone_wall_time_s"] = sum(r["wall_time_s"] for r in twins)
-    chain_wall = f" in {totals['wall_time_s']:.0f} s" if results else ""
-    alone_wall = f" in {totals['alone_wall_time_s']:.0f} s" if twins else ""
-    md.append(f"\nChain: {totals['train_flops']:.3g} training FLOPs{chain_wall}. Each size alone with the first stage's "
-              f"schedule: {totals['independent_flops']:.3g}{alone_wall}. The chain is **{totals['speedup']:.2f}x** "
-              f"cheaper, and **{100 * totals['saving_vs_largest']:.1f}%** cheaper than training {stages[-1].size} "
-              "alone.")
-    if twins:  # each model of the chain against its twin trained alone; the chain's cost to reach it is cumulative
-        md += ["\n| size | training FLOPs: chain up to it / alone | " + " | ".join(
-            f"{k}: chain / alone" for k in METRICS) + " |", "|" + " --- |" * (2 + len(METRICS))]
-        for i, (row, ledger_row, twin) in enumerate(zip(rows, ledger_rows, twins)):
-            alone = ledger_row["independent_flops"]
-            row["alone"] = dict(train_flops=alone, samples=stages[0].samples, **measured(twin))
-            spent = sum(r["train_flops"] for r in rows[:i + 1])
-            md.append(f"| {row['size']} | {spent:.3g} / {alone:.3g} | " + " | ".join(
-                f"{a} / {b}" for a, b in zip(cells(row, METRICS), cells(row["alone"], METRICS))) + " |")
-    probes = [k for k in rows[0] if k.startswith("probe_")] if results else []
-    if probes:  # the synthetic set's attribute probes: what each image tower knows, beyond the zero-shot task
-        md += ["\nLinear probes of the image features, top-1 per attribute" + (" (chain / alone)" if twins else "") +
-               ":\n", "| size | " + " | ".join(k[6:] for k in probes) + " |", "|" + " --- |" * (1 + len(probes))]
-        for row in rows:
-            pairs = zip(cells(row, probes), cells(row["alone"], probes)) if twins else ((a,) for a in cells(row, probes))
-            md.append(f"| {row['size']} | " + " | ".join(" / ".join(p) for p in pairs) + " |")
-    return {"stages": rows, "totals": totals}, "\n".join(md) + "\n"
-
-
-# -----------------------------------------------------------------------------
-# command line
+def check_inputs(stage):
+    """Open the stage's tokenizer, data and evaluation sets as train() will, so that a bad one stops the run before
+    anything is written."""
+    tokenizer = data.get_tokenizer(stage.cfg.tokenizer, stage.settings.bpe or None)
+    data.train_data_for(stage.settings, stage.cfg, tokenizer, *runtime.rank_and_world())
+    if runtime.is_rank0():  # the one that evaluates
+        evaluate.eval_sets_for(stage.settings, stage.cfg, tokenizer)
 
 
 def parse_args(argv=None):
     p = runtime.ArgumentParser(description="Train a CoM-PT model chain: the smallest from scratch, each next one "
                                 "grown from its predecessor and distilled towards it; report the cost ledger.")
     p.add_argument("--sizes", required=True, help=f"comma list in ascending order, from: {', '.join(vit.SIZES)}")
-    p.add_argument("--epochs", default="", help="epochs per stage, comma list (default: 128,24,16,16..., official)")
-    p.add_argument("--steps", default="", help="optimizer steps per stage, comma list; overrides --epochs "
-                   f"(default on synthetic data: {SYNTHETIC_FIRST_STEPS} for the first, the official proportions after)")
+    p.add_argument("--epochs", default="", help="epochs per stage, comma list (default: "
+                   f"{','.join(map(str, recipe.OFFICIAL_EPOCHS))}..., official)")
+    p.add_argument("--steps", default="", help="optimizer steps per stage, comma list; overrides --epochs (default on "
+                   f"synthetic data: {recipe.CHAIN_FIRST_STEPS} for the first, the official proportions after)")
     p.add_argument("--warmup", default="", help="warmup steps per stage, comma list (default: the official "
-                   "8000 / 1000 steps as the same fraction of each stage)")
+                   f"{' / '.join(map(str, recipe.OFFICIAL_WARMUP))} steps as the same fraction of each stage)")
     p.add_argument("--lr", default="", help="peak AdamW learning rate per stage, comma list (default: "
-                   f"{OFFICIAL_LR:g}, official; synthetic data: {SYNTHETIC_LR:g})")
+                   f"{recipe.OFFICIAL_LR:g}, official; synthetic data: {recipe.CHAIN_LR:g})")
     p.add_argument("--baseline", action="store_true", help="also train every size alone with the first stage's "
                    "schedule, and compare")
     p.add_argument("--out", default="runs/chain", help="output folder of the run")
@@ -299,13 +226,14 @@ def main(argv=None):
         init = interop.load_state_dict_any(args.init_from) if args.init_from else None
         teacher = interop.load_model(args.teacher) if args.teacher else None
         stages = plan(args, settings, like=init[1] if init else teacher.cfg if teacher else None)
-        rows, totals = ledger([st.cfg for st in stages], [st.samples for st in stages], settings.captions_per_image)
+        rows, totals = ledger.ledger([st.cfg for st in stages], [st.samples for st in stages],
+                                     settings.captions_per_image)
         if args.dry_run:
-            summary, md = report(stages, rows, totals)
+            summary, md = ledger.report(stages, rows, totals)
             print(md)
             return summary
         runtime.check_out_dir(args.out)
-        train.build_data(stages[0].settings, stages[0].cfg, *runtime.rank_and_world())  # data, eval sets, tokenizer
+        check_inputs(stages[0])
         model = train.first_model(stages[0].cfg, settings.seed, init, args.grow_method, args.init_from)
         check_manifest(args.out, dict(
             sizes=[st.size for st in stages], grow_method=args.grow_method, alpha=args.alpha,
@@ -322,7 +250,7 @@ def main(argv=None):
         runtime.destroy_distributed()
     if not runtime.is_rank0():
         return None
-    out, md = report(stages, rows, totals, results, twins)
+    out, md = ledger.report(stages, rows, totals, results, twins)
     out.update(command=sys.argv if argv is None else ["chain.py", *argv], git=runtime.git_hash(),
                session_wall_time_s=time.time() - t0)
     try:

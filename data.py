@@ -1,6 +1,7 @@
 """
-Data for CLIP pre-training: open_clip's transforms, readers for the formats CC3M comes in, training batches, and the
-labelled images and caption sets that evaluate.py scores. The tokenizers live in tokenizer.py (re-exported here), the
+Data for CLIP pre-training: open_clip's transforms, readers for the formats CC3M (the paper's data, Sec. 4) comes in,
+training batches (train_data_for: a run's, from train.py's settings), and the labelled images and caption sets that
+evaluate.py scores. The tokenizers live in tokenizer.py (re-exported here), the
 embedded synthetic set in synthetic.py (the default source, `synthetic`, needs no files). `python data.py check
 SOURCE` reads a source end to end and counts its good and bad samples.
 
@@ -58,7 +59,7 @@ def _to_rgb(image):
 
 def train_transform(image_size):
     return T.Compose([
-        T.RandomResizedCrop(image_size, scale=(0.9, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomResizedCrop(image_size, scale=(0.9, 1.0), interpolation=T.InterpolationMode.BICUBIC),  # open_clip's
         _to_rgb, T.ToTensor(), T.Normalize(MEAN, STD)])
 
 
@@ -88,6 +89,11 @@ def default_shape(source, bpe=""):
 # reading real data: a bad sample raises BadSample; it is then skipped, replaced and counted by kind
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+MAX_BAD_IN_A_ROW = 100  # replacements tried for one bad sample before a run stops: the source is broken, not noisy
+
+
+def too_many_bad(kinds):
+    return RuntimeError(f"{MAX_BAD_IN_A_ROW} bad samples in a row ({dict(kinds)}): run `python data.py check DATA`")
 
 
 class BadSample(Exception):
@@ -202,7 +208,7 @@ def read_csv(path, data_root=None, img_key="filepath", caption_key="title", sep=
             captions.append("\x1f".join((row[k] or "").replace("\x1f", " ") for k in keys))
     if not images:
         raise ValueError(f"{path}: no rows")
-    if not any(os.path.isfile(p) for p in images[:20]):
+    if not any(os.path.isfile(p) for p in images[:20]):  # the first 20 all missing: a wrong root, not bad samples
         raise FileNotFoundError(f"{path}: images not found (the first is {images[0]}); pass --data-root, the folder "
                                 f"that the {img_key!r} paths are relative to")
     return Files(images, captions, sep=sep, draft=draft)
@@ -324,6 +330,7 @@ class Item:
         pick = rng.choice(len(captions), self.k, replace=len(captions) < self.k)
         tokens = self.tokenizer([captions[i] for i in pick], self.C)  # (k, C)
         with torch.random.fork_rng(devices=[]):
+            # a torch seed from the sample's numpy generator: any integer below 2^63 (torch's int64) will do
             torch.default_generator.manual_seed(int(rng.integers(2**62)))
             image = self.transform(image)
         return image, tokens[0] if self.k == 1 else tokens
@@ -343,13 +350,13 @@ class Pairs(Dataset):
         epoch, index = key
         rng = np.random.default_rng([self.seed, epoch, index])
         skips = []
-        while len(skips) < 100:
+        while len(skips) < MAX_BAD_IN_A_ROW:
             try:
                 return *self.item(*self.source.load(index), rng), skips
             except BadSample as e:
                 skips.append(e.kind)
                 index = int(rng.integers(len(self.source)))
-        raise RuntimeError(f"100 bad samples in a row ({dict(Counter(skips))}): run `python data.py check DATA`")
+        raise too_many_bad(Counter(skips))
 
 
 class ShardStream(IterableDataset):
@@ -360,7 +367,7 @@ class ShardStream(IterableDataset):
     the tail, as with drop_last), the stream is a function of (seed, epoch, world size, workers), and a resume
     passes over the earlier batches of the epoch without decoding them."""
 
-    buffer_size = 1000
+    buffer_size = 1000  # samples in the shuffle buffer of each lane (webdataset's usual size)
 
     def __init__(self, shards, item, seed):
         self.shards, self.item, self.seed = shards, item, seed
@@ -395,7 +402,7 @@ class ShardStream(IterableDataset):
         B, n = self.batch_size, len(range(lane, self.steps, L))
         begin = B * (self.rank * self.steps + sum(len(range(l, self.steps, L)) for l in range(lane)))
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, L, lane])
-        buffer, recent, batch, skips = [], deque(maxlen=100), [], Counter()
+        buffer, recent, batch, skips = [], deque(maxlen=100), [], Counter()  # recent: replacements for a bad sample
         emitted = -B * len(range(lane, self.start_step, L))  # < 0: batches already trained on, not decoded
         for new in chain(self._read(begin, begin + n * B), [None] * self.buffer_size):
             if new is not None and len(buffer) < self.buffer_size:
@@ -413,7 +420,7 @@ class ShardStream(IterableDataset):
             if emitted <= 0:
                 continue
             own = np.random.default_rng([self.seed, self.epoch, pos])
-            for _ in range(100):
+            for _ in range(MAX_BAD_IN_A_ROW):
                 try:
                     batch.append(self.item(*parse_sample(sample, self.shards.sep, self.shards.draft), own))
                     break
@@ -422,7 +429,7 @@ class ShardStream(IterableDataset):
                     pool = list(recent) + [b for b in buffer if b is not None]
                     sample = pool[int(own.integers(len(pool)))][1]
             else:
-                raise RuntimeError(f"100 bad samples in a row ({dict(skips)}): run `python data.py check DATA`")
+                raise too_many_bad(skips)
             if len(batch) == B:
                 yield (*_collate(batch)[:2], skips)
                 batch, skips = [], Counter()
@@ -461,10 +468,7 @@ class TrainData:
         self.dataset, self.batch_size, self.workers, self.seed = dataset, batch_size, workers, seed
         self.rank, self.world_size = rank, world_size
         self.num_samples = num_samples or len(dataset)
-        self.steps_per_epoch = self.num_samples // (batch_size * world_size)
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"{self.num_samples} samples make no batch of {batch_size} x {world_size} ranks: "
-                             f"lower --batch-size or add data")
+        self.steps_per_epoch = runtime.steps_per_epoch(self.num_samples, batch_size, world_size)
         if self.num_samples > len(dataset):
             print(f"warning: --num-samples {self.num_samples} exceeds the {len(dataset)} samples of the data: "
                   f"an epoch sees some twice", file=sys.stderr)
@@ -478,7 +482,7 @@ class TrainData:
         return isinstance(self.dataset, ShardStream)
 
     def _order(self, epoch):
-        g = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, epoch]).integers(2**62)))
+        g = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, epoch]).integers(2**62)))  # as in Item
         n = len(self.dataset)
         reps = math.ceil(self.num_samples / n)  # an epoch longer than the data wraps around
         return torch.cat([torch.randperm(n, generator=g) for _ in range(reps)])[:self.num_samples]
@@ -492,8 +496,7 @@ class TrainData:
                                 generator=generator)
         else:
             order = self._order(epoch).tolist()
-            B, G = self.batch_size, self.batch_size * self.world_size
-            plan = [[(epoch, i) for i in order[t * G + self.rank * B: t * G + (self.rank + 1) * B]]
+            plan = [[(epoch, i) for i in order[runtime.rank_slice(t, self.batch_size, self.rank, self.world_size)]]
                     for t in range(start_step, self.steps_per_epoch)]
             loader = DataLoader(self.dataset, batch_sampler=plan, num_workers=self.workers, collate_fn=_collate,
                                 generator=generator)
@@ -520,6 +523,28 @@ def build_train_data(source, *, tokenizer, image_size, context_length, batch_siz
         raise ValueError(f"data {source}: no samples")
     dataset = ShardStream(src, item, seed) if isinstance(src, Shards) else Pairs(src, item, seed)
     return TrainData(dataset, batch_size, workers, seed, rank, world_size, num_samples)
+
+
+def source_args(settings):
+    """The reader flags of train.py's settings (a train.Settings), as open_source and build_train_data take them."""
+    return dict(data_root=settings.data_root or None, csv_img_key=settings.csv_img_key,
+                csv_caption_key=settings.csv_caption_key, caption_sep=settings.caption_sep or None)
+
+
+def source_size(settings):
+    """Samples in one pass over settings.data: what an epoch holds when --num-samples is 0."""
+    return synthetic.NUM_SAMPLES if settings.data == "synthetic" else len(open_source(settings.data,
+                                                                                      **source_args(settings)))
+
+
+def train_data_for(settings, cfg, tokenizer, rank=0, world_size=1, device="cpu"):
+    """This rank's TrainData for train.py's settings and a model of config `cfg` (the synthetic set's batches are
+    drawn on `device`)."""
+    return build_train_data(settings.data, tokenizer=tokenizer, image_size=cfg.image_size,
+                            context_length=cfg.context_length, batch_size=settings.batch_size,
+                            workers=settings.workers, seed=settings.seed, rank=rank, world_size=world_size,
+                            num_samples=settings.num_samples or None, captions_per_image=settings.captions_per_image,
+                            device=device, **source_args(settings))
 
 
 # -----------------------------------------------------------------------------
@@ -625,7 +650,7 @@ def check(source, workers=0, **source_args):
     if len(src) == 0:
         raise ValueError(f"{source}: no samples to check (an empty source, or shards that are not tar archives)")
     items = EvalItems(src, eval_transform(8), get_tokenizer("byte"), 2)  # decoded in full, then made tiny
-    batches = EvalBatches(EvalShards(items) if isinstance(src, Shards) else items, 256, workers)
+    batches = EvalBatches(EvalShards(items) if isinstance(src, Shards) else items, 256, workers)  # 256 a batch
     good = sum(len(images) for images, _ in tqdm(batches, desc=f"checking {source}"))
     print(f"{source}: {len(src)} samples expected, {good} good, {sum(batches.skipped.values())} bad")
     for kind, n in sorted(batches.skipped.items()):

@@ -5,7 +5,7 @@ its trained predecessor (the teacher), on top of the CLIP loss.
 
     L_FD = alpha * [ MSE(n(P(s_img)), n(t_img)) + MSE(n(P(s_txt)), n(t_txt)) ],   n = L2 normalisation
 
-with the MSE averaged over samples and embedding dims (F.mse_loss), alpha = 500 as in every CoM-PT script, and P a
+with the MSE averaged over samples and embedding dims (F.mse_loss), alpha = 500 (ALPHA) as in every CoM-PT script, and P a
 learned linear projector from the student's to the teacher's embedding dim, present only when they differ (the
 whole family shares embed dim 512, so in the paper's chains P is the identity). FD is CLIP-KD's best single loss
 (Yang et al., CVPR 2024), the only one the official code keeps.
@@ -26,9 +26,11 @@ out); several captions per image (text [B, k, E]) are averaged over all B*k capt
 import torch.nn as nn
 import torch.nn.functional as F
 
+ALPHA = 500.0  # the FD weight of every official CoM-PT training script
+
 
 class FeatureDistill(nn.Module):
-    def __init__(self, student_dim, teacher_dim, alpha=500.0):
+    def __init__(self, student_dim, teacher_dim, alpha=ALPHA):
         super().__init__()
         self.alpha = alpha
         # one projector per tower (the official code's two linear layers), identity when the dims already agree

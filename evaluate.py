@@ -27,9 +27,11 @@ from tqdm import tqdm
 
 import data
 import interop
+import recipe
 import runtime
 import synthetic
 import vit
+from tokenizer import prompt_tokens
 
 SIMPLE_TEMPLATES = ("itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
                     "a {} in a video game.", "art of the {}.", "a photo of the small {}.")  # open_clip's short set
@@ -50,15 +52,10 @@ def load_templates(templates, default):
     return templates
 
 
-def prompt_tokens(tokenizer, classnames, templates, context_length):
-    """Every template filled with every class name, tokenized: long [classes, templates, C]."""
-    prompts = tokenizer([t.format(c) for c in classnames for t in templates], context_length)
-    return prompts.view(len(classnames), len(templates), context_length)
-
-
 def build_eval_sets(source="synthetic", *, tokenizer, image_size, context_length, zeroshot_data=None,
                     val_data=None, templates=None, data_root=None, csv_img_key="filepath", csv_caption_key="title",
-                    caption_sep=None, captions_per_image=1, batch_size=256, workers=0, seed=0, probes=4000):
+                    caption_sep=None, captions_per_image=1, batch_size=256, workers=0, seed=0,
+                    probes=synthetic.PROBES):
     """Evaluation sets, as a dict (an absent key means no such evaluation):
 
     "zeroshot": dict(batches=iterable of (images [b,3,H,W], labels long [b]), classnames=[n names],
@@ -69,10 +66,11 @@ def build_eval_sets(source="synthetic", *, tokenizer, image_size, context_length
               fit, half as many to score (none for probes=0)
 
     Synthetic source (or val_data "synthetic"): synthetic.build_eval_sets, held out from training (other splits of its
-    generator), in memory: 20 pictures per zero-shot class, 500 retrieval pictures with 3 captions each, the probe
-    sets. zeroshot_data: an ImageFolder (prompts SIMPLE_TEMPLATES, or `templates`: a list or a file); val_data: any
-    caption source, with k = captions_per_image. Real sets are EvalBatches, read from disk at each pass (iterate them
-    once per evaluation), with bad samples left out and counted in .skipped.
+    generator), in memory: synthetic.ZEROSHOT_PER_CLASS pictures per zero-shot class, RETRIEVAL_SIZE retrieval pictures
+    with FULL_CAPTIONS captions each, the probe sets. zeroshot_data: an ImageFolder (prompts SIMPLE_TEMPLATES, or
+    `templates`: a list or a file); val_data: any caption source, with k = captions_per_image. Real sets are
+    EvalBatches, read from disk at each pass (iterate them once per evaluation), with bad samples left out and counted
+    in .skipped.
     """
     if isinstance(tokenizer, str):
         tokenizer = data.get_tokenizer(tokenizer)
@@ -80,7 +78,7 @@ def build_eval_sets(source="synthetic", *, tokenizer, image_size, context_length
     if source == "synthetic" or val_data == "synthetic":
         whole = source == "synthetic"  # else only its retrieval set
         own = synthetic.build_eval_sets(tokenizer, context_length, image_size, seed, batch_size,
-                                        zeroshot_per_class=20 if whole else 0,
+                                        zeroshot_per_class=synthetic.ZEROSHOT_PER_CLASS if whole else 0,
                                         probe_sizes=(probes, probes // 2) if whole else (0, 0))
         sets = own if whole else {"retrieval": own["retrieval"]}
         if templates and "zeroshot" in sets:  # other prompts for the synthetic classes
@@ -101,6 +99,16 @@ def build_eval_sets(source="synthetic", *, tokenizer, image_size, context_length
         sets["retrieval"] = dict(batches=data.EvalBatches(data.EvalShards(items) if isinstance(src, data.Shards) else items,
                                                      batch_size, workers))
     return sets
+
+
+def eval_sets_for(settings, cfg, tokenizer):
+    """The evaluation sets of train.py's settings (its data's own, --zeroshot-data, --val-data) for a model of config
+    `cfg`: build_eval_sets."""
+    return build_eval_sets(settings.data, tokenizer=tokenizer, image_size=cfg.image_size,
+                           context_length=cfg.context_length, zeroshot_data=settings.zeroshot_data or None,
+                           val_data=settings.val_data or None, templates=settings.templates or None,
+                           captions_per_image=settings.captions_per_image, workers=settings.workers,
+                           probes=settings.probes, **data.source_args(settings))
 
 
 # -----------------------------------------------------------------------------
@@ -214,11 +222,13 @@ def fit_logistic(features, labels, n_classes, weight_decay, start=None, max_iter
     """Multinomial logistic regression by full-batch L-BFGS: mean cross-entropy + weight_decay / 2 * |W|^2 (the bias
     is not decayed), on features standardised with their own mean and std. Returns (W (D, K), b (K,)) for the raw
     features, deterministic (from zeros, or from `start`, an earlier solution on the same features)."""
-    mean, std = features.mean(dim=0), features.std(dim=0) + 1e-6
+    mean, std = features.mean(dim=0), features.std(dim=0) + 1e-6  # + 1e-6: a constant feature divides by no zero
     x = (features - mean) / std  # (N, D)
     W, b = (torch.zeros(x.shape[1], n_classes, device=x.device), torch.zeros(n_classes, device=x.device)) \
         if start is None else (start[0] * std[:, None], start[1] + mean @ start[0])
     W, b = W.clone().requires_grad_(), b.clone().requires_grad_()
+    # the CLIP paper's solver: L-BFGS; lr 1 is the quasi-Newton step, which the strong-Wolfe line search then scales;
+    # max_iter 100 as scikit-learn's LogisticRegression; 20 past gradients kept; done once the gradient is below 1e-5
     optimizer = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=1e-5,
                                   line_search_fn="strong_wolfe")
 
@@ -325,7 +335,6 @@ def finetune(model, train_folder, test_folder, device, *, epochs=5, lr=1e-4, wei
     split (data.train_transform at the model's image size; AdamW, open_clip's parameter groups, 10% warmup, then
     cosine decay), and return the test split's (data.eval_transform) top1 and mean_per_class_recall. The caller's
     model is not changed; epochs=0 gives the initial head's figures."""
-    import train  # here rather than at the top: train.py imports this file
     device = torch.device(device)
     train_files, test_files, names = folder_pair(train_folder, test_folder, "--finetune", model.cfg.image_size)
     items = data.EvalItems(train_files, data.train_transform(model.cfg.image_size))
@@ -333,13 +342,14 @@ def finetune(model, train_folder, test_folder, device, *, epochs=5, lr=1e-4, wei
     with torch.random.fork_rng(devices=[]):  # seeded head, order and augmentation; the caller's RNG untouched
         torch.manual_seed(seed)
         classifier = Classifier(copy.deepcopy(model.visual), model.cfg.embed_dim, len(names)).to(device).train()
-        optimizer = torch.optim.AdamW(train.param_groups(classifier, weight_decay), lr=lr)
+        # open_clip's groups; torch's default betas and eps (this is fine-tuning, not CLIP's pre-training recipe)
+        optimizer = torch.optim.AdamW(recipe.param_groups(classifier, weight_decay), lr=lr)
         step = 0
         for epoch in range(epochs):
             batches = data.EvalBatches(Subset(items, torch.randperm(len(items)).tolist()), batch_size, workers)
             for images, labels in progress(batches, f"fine-tuning, epoch {epoch + 1}/{epochs}"):
                 for group in optimizer.param_groups:
-                    group["lr"] = train.lr_at(step, total_steps, total_steps // 10, lr)
+                    group["lr"] = recipe.lr_at(step, total_steps, total_steps // 10, lr)  # 10% warmup
                 with runtime.autocast(device, precision):
                     logits = classifier(images.to(device))
                 loss = F.cross_entropy(logits.float(), labels.to(device))

@@ -65,7 +65,7 @@ import re
 
 import torch
 
-HEAD_DIM = 64
+HEAD_DIM = 64  # the family's head dim: vit.HEAD_DIM, copied so that this file needs torch alone (a test ties them)
 METHODS = ("lossless", "inherit", "inherit_qkv")
 _BLOCK = re.compile(r"(visual\.)?transformer\.resblocks\.(\d+)\.(.+)")
 

@@ -1,5 +1,6 @@
 """
-Checkpoint interop: open_clip and the official CoM-PT model zoo in, open_clip `local-dir` folders out.
+Checkpoint files: open_clip and the official CoM-PT model zoo in, open_clip `local-dir` folders out, and train.py's own
+checkpoint.pt (its layout is written and read back only here: save_checkpoint, load_checkpoint, restore_checkpoint).
 
 vit.CLIP has open_clip's state-dict keys and shapes (tests/test_openclip_parity.py), so moving weights between the
 two is a matter of file layout, never of key surgery on the model. This file holds that layout:
@@ -228,7 +229,22 @@ def initialise(model, state_dict, cfg, method="lossless", seed=0, source="--init
                          "into a model of its own size, or grow it into a larger one")
 
 
-TRAINING_KEYS = ("model", "config", "step", "optimizer", "settings", "rng")  # of train.py's checkpoint.pt
+# -----------------------------------------------------------------------------
+# train.py's checkpoint.pt: the one place that knows its layout
+
+TRAINING_KEYS = ("model", "config", "step", "optimizer", "settings", "rng")  # what a resume needs
+
+
+def save_checkpoint(path, step, model, optimizer, distill, scaler, settings, world_size, wall_time, losses):
+    """A plain dict of tensors and Python values (torch.load(weights_only=True) reads it), written atomically; the
+    model's own state dict, so no DDP or compile prefix. settings: train.py's flags as a dict; losses: the last logged
+    losses, which a resumed run that has no step left to take reports."""
+    runtime.save_torch({
+        "model": model.state_dict(), "config": model.cfg.to_dict(), "step": step, "optimizer": optimizer.state_dict(),
+        "distill": distill.state_dict() if distill is not None else None, "settings": settings,
+        "scaler": scaler.state_dict(), "world_size": world_size, "wall_time": wall_time, "losses": losses,
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if next(model.parameters()).is_cuda else []}}, path)
 
 
 def load_checkpoint(path):
@@ -242,6 +258,21 @@ def load_checkpoint(path):
         raise ValueError(f"{path}: not a training checkpoint of train.py (no {', '.join(missing[:3])}); to start "
                          "from its weights, pass it as --init-from")
     return ckpt
+
+
+def restore_checkpoint(ckpt, model, optimizer, distill, scaler, device):
+    """Load a checkpoint dict (load_checkpoint) back into the run's objects and the RNG, for an exact resume; returns
+    (step, wall time so far in seconds, last losses)."""
+    model.load_state_dict(ckpt["model"])
+    if distill is not None:
+        distill.load_state_dict(ckpt["distill"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler"):  # fp16 runs: the loss scale
+        scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if device.type == "cuda" and ckpt["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    return ckpt["step"], ckpt["wall_time"], ckpt.get("losses", {})
 
 
 # -----------------------------------------------------------------------------

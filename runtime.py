@@ -1,6 +1,7 @@
 """
-The runtime under training: device choice, the precision policy, the torchrun process group, atomic file writes and
-the code version. Nothing here is about CLIP or the chain; train.py and chain.py share it.
+The runtime under training: device choice, the precision policy, the torchrun process group and the share of each
+rank in an epoch's batches, atomic file writes, a run's log, the code version and one-line errors. Nothing here is
+about CLIP or the chain; train.py, chain.py, data.py and synthetic.py share it.
 """
 
 import argparse
@@ -8,6 +9,7 @@ import contextlib
 import datetime
 import errno
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -15,6 +17,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # device and precision
@@ -68,6 +71,11 @@ def init_distributed(device):
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=1))
 
 
+def world_size():
+    """The number of processes torchrun starts (WORLD_SIZE; 1 outside torchrun), known before they join a group."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def rank_and_world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
@@ -98,6 +106,27 @@ def all_ranks(obj):
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+# -----------------------------------------------------------------------------
+# an epoch's global batches, shared out over the ranks (data.py's and synthetic.py's training batches)
+
+
+def steps_per_epoch(num_samples, batch_size, world_size=1):
+    """Global batches of batch_size x world_size samples in an epoch of num_samples (the last incomplete one is
+    dropped); a one-line ValueError when there is none."""
+    steps = num_samples // (batch_size * world_size)
+    if steps == 0:
+        raise ValueError(f"{num_samples} samples make no batch of {batch_size} x {world_size} ranks: "
+                         "lower --batch-size or raise --num-samples")
+    return steps
+
+
+def rank_slice(step, batch_size, rank, world_size):
+    """Rank `rank`'s part of global batch `step` in an epoch's order of samples: global batches are consecutive
+    slices of batch_size x world_size, and rank r takes the r-th batch_size of each."""
+    first = (step * world_size + rank) * batch_size
+    return slice(first, first + batch_size)
 
 
 # -----------------------------------------------------------------------------
@@ -133,7 +162,7 @@ def atomic_write(path, write):
 
 def _nearly_full(path):
     try:
-        return shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 1 << 20
+        return shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 1 << 20  # under 1 MiB left
     except OSError:
         return False
 
@@ -172,6 +201,44 @@ def git_hash():
         return head.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+# -----------------------------------------------------------------------------
+# a run's log: metrics.jsonl and the console
+
+
+def _record_step(line):
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):  # a record cut short by a crash: dropped
+        return math.inf
+
+
+class Log:
+    """metrics.jsonl and the console, written by rank 0 only: a progress bar on a terminal, plain lines in a log
+    file. A resumed run replays the steps after its checkpoint, so their old records are dropped first."""
+
+    def __init__(self, out_dir, step, total_steps, enabled):
+        self.path, self.enabled = os.path.join(out_dir, "metrics.jsonl"), enabled
+        self.tty = enabled and sys.stderr.isatty()
+        self.bar = tqdm(total=total_steps, initial=step, disable=not self.tty, unit="step", dynamic_ncols=True)
+        if enabled:
+            kept = [r for r in open(self.path) if _record_step(r) <= step] if os.path.exists(self.path) else []
+            save_text("".join(kept), self.path)
+
+    def __call__(self, record, line, always=True):
+        """Append a record; print its line (steps: only when no bar shows)."""
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if always or not self.tty:
+                tqdm.write(line)
+
+    def step(self, step, total_steps, epoch, losses, lr, logit_scale, speed):
+        record = {"step": step, "epoch": epoch, **losses, "lr": lr, "logit_scale": logit_scale, "samples_per_s": speed}
+        self.bar.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{lr:.2e}", samples_s=f"{speed:.0f}")
+        self(record, f"step {step}/{total_steps} " + " ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step"),
+             always=False)
 
 
 # -----------------------------------------------------------------------------

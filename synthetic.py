@@ -1,5 +1,6 @@
 """
-The embedded synthetic image-caption set, drawn in batches on any device (torch only).
+The embedded synthetic image-caption set, drawn in batches on any device with tensor ops (no image library).
+Not part of the paper, which trains on CC3M (Sec. 4): a stand-in on which a chain of CLIP models trains on a CPU.
 
 Pictures of coloured shapes with captions, for training CLIP models without files. Every attribute of picture
 `index` of a split comes from a counter-based hash of (seed, split, index), computed with integer tensor ops, so a
@@ -20,6 +21,8 @@ from collections import Counter
 
 import torch
 
+import runtime
+from tokenizer import prompt_tokens
 from vit import MEAN, STD  # CLIP's input normalisation
 
 # -----------------------------------------------------------------------------
@@ -50,6 +53,7 @@ def star_edge(n, k):
 
 # shape -> (n, turn, scale, plane, plane): n-fold symmetric, the intersection of two half-planes in the wedge around
 # its first tip (lengths in circumradii); turn: where its first tip points upright; scale: circumradius / object radius
+# UP: a tip pointing up (y grows downwards); ROUND: a 64-gon; NO_PLANE: 0 < 1000 radii, a half-plane holding everything
 UP, ROUND, NO_PLANE = -math.pi / 2, star_edge(64, math.cos(math.pi / 64)), (0.0, 0.0, 1e3)
 SHAPES = {"circle": (64, 0.0, 0.85, ROUND, NO_PLANE),
           "ring": (64, 0.0, 0.95, ROUND, (-1.0, 0.0, -0.5)),  # outside a hole of half its radius
@@ -77,6 +81,9 @@ ONE = ("{size} {colour} {shape}", "{colour} {shape} {where}", "{size} {shape} {w
        "a {shape}", "{size} {shape}", "{shape} {where}")  # one object: the first three together name all it shows
 TWO = ("{shape} {relation} {shape2}", "{colour} {relation} {colour2}", "{colour} {shape} and {shape2}")
 FULL_CAPTIONS = 3      # retrieval: the first 3 paraphrases of each picture
+ZEROSHOT_PER_CLASS = 20  # held-out zero-shot pictures per class
+RETRIEVAL_SIZE = 500   # held-out retrieval pictures
+PROBES = 4000          # held-out pictures that fit the attribute probes; half as many score them
 CLASSNAMES = [f"{c} {s}" for c in COLOURS for s in SHAPES]  # the zero-shot classes
 TEMPLATES = ("a {}", "big {}", "small {}")  # zero-shot prompts, averaged per class as CLIP does
 
@@ -90,13 +97,18 @@ SPLITS = ("train", "retrieval", "zeroshot", "probe-train", "probe-test")
 # a counter-based hash: 32-bit words in int64 tensors, exact on every device
 
 MASK32 = 0xFFFFFFFF
+# The hash streams: the word after the seed tells them apart. draws() puts a split's index there (0-4); the training
+# streams take numbers that no split has.
+CROP_STREAM = 7            # view(): the training crop of (epoch, index)
+CAPTION_STREAM = 11        # TrainData.batch(): which paraphrases of (epoch, index)
+ORDER_STREAM = 1_000_003   # TrainData.order(): the epoch's permutation
 
 
 def mix32(h):
     """A bijection of 32-bit words that spreads every input bit over the output (xorshift-multiply, Wellons'
     lowbias32 shape with multipliers below 2^31, so that products of 32-bit words never overflow int64)."""
     h = h ^ (h >> 16)
-    h = (h * 0x7FEB352D) & MASK32
+    h = (h * 0x7FEB352D) & MASK32  # lowbias32's multipliers (Wellons' hash-prospector search)
     h = h ^ (h >> 15)
     h = (h * 0x6A5D39E9) & MASK32
     return h ^ (h >> 16)
@@ -105,7 +117,7 @@ def mix32(h):
 def hash32(*words):
     """A 32-bit hash of a sequence of integers and int64 tensors (broadcast together); put plain integers first:
     they are mixed in Python, the tensors by tensor ops."""
-    h = 0x9E3779B9
+    h = 0x9E3779B9  # 2^32 / golden ratio: a start with its bits spread, so that leading zero words still mix
     for w in words:
         h = mix32(h ^ (w & MASK32))  # a bijection of the word for a given prefix, and of the prefix for a given word
     return h
@@ -137,6 +149,10 @@ def scene(seed, split, index):
     count [B] (1 or 2), relation [B] (of object 0 to object 1; -1 for one object)."""
     index = torch.as_tensor(index, dtype=torch.long)
     u = draws(seed, split, index, 32)  # (B, 32)
+    # the 32 draws of a picture, by column (pairs: object slots 0 and 1): 0-1 colour, 2-3 shape, 4 whether it holds two
+    # objects, 5-6 size, 7-8 radius within its size's range, 9 lattice point (one object), 10 relation and 11 the row
+    # or column (two objects), 12-15 shift x and y, 16-17 angle, 18-20 background (grey, slope, noise tile), 21-26
+    # colour jitter (3 channels each), 27-28 whether turned; 29-31 unused
     device = index.device
     nc, ns = len(COLOURS), len(SHAPES)
     colour = pick(u[:, 0:2], nc)
@@ -196,6 +212,7 @@ def coverage(x, y, shape, radius, angle, pixel):
     v = y * cos - x * sin
     rho = torch.hypot(u, v)
     # the angle from the nearest tip, in [0, fold / 2]: fold the plane onto the first wedge
+    # (+ 32: whole wedges that keep frac's argument positive for n <= 64; + 0.5 and - 0.5 centre the wedge on the tip)
     psi = torch.atan2(v, u).mul_(p[:, 1]).add_(32.5).frac_().sub_(0.5).abs_().mul_(p[:, 2])
     c, s = psi.cos().mul_(rho), psi.sin().mul_(rho)  # coordinates in the first wedge
     R = radius[:, None, None] * p[:, 3]  # circumradius
@@ -225,9 +242,9 @@ def view(seed, epoch, index, augment):
     if not augment:
         one = torch.ones(len(index), device=index.device)
         return 0 * one, 0 * one, one, one
-    u = uniform(hash32(seed, 7, epoch, index[:, None], torch.arange(4, device=index.device)))  # (B, 4)
-    area = 0.9 + 0.1 * u[:, 0]
-    ratio = torch.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[:, 1])
+    u = uniform(hash32(seed, CROP_STREAM, epoch, index[:, None], torch.arange(4, device=index.device)))  # (B, 4)
+    area = 0.9 + 0.1 * u[:, 0]  # open_clip's scale (0.9, 1), uniform
+    ratio = torch.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[:, 1])  # torchvision's, log-uniform
     w, h = (area * ratio).sqrt().clamp(max=1), (area / ratio).sqrt().clamp(max=1)
     return (1 - w) * u[:, 2], (1 - h) * u[:, 3], w, h
 
@@ -244,6 +261,7 @@ def render(attrs, crop, image_size=IMAGE_SIZE):
     pixel = (w * h).sqrt() / image_size  # a pixel's width in image units
     scale, shift = (1 / t["std"])[:, None, None], (-t["mean"] / t["std"])[:, None, None]  # (3, 1, 1)
     background = attrs["background"]
+    # a grey level in [0.25, 0.6] and a slope of at most 0.125 per image width, the same along x and y
     grey, slope = 0.25 + 0.35 * background[:, 0, None, None], 0.25 * (background[:, 1, None, None] - 0.5)
     grey = (grey + slope * (X - 0.5)) + slope * (Y - 0.5)  # (B, H, W): a gentle gradient
     image = torch.addcmul(shift, grey[:, None], scale)  # (B, 3, H, W), normalised
@@ -361,17 +379,14 @@ class TrainData:
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.image_size, self.device, self.k = image_size, torch.device(device), captions_per_image
-        self.steps_per_epoch = num_samples // (batch_size * world_size)
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"{num_samples} samples make no batch of {batch_size} x {world_size} ranks: "
-                             f"lower --batch-size or raise --num-samples")
+        self.steps_per_epoch = runtime.steps_per_epoch(num_samples, batch_size, world_size)
         self.captions = Captions(tokenizer, context_length, self.device)
         self.skipped = Counter()  # never a bad sample here; kept for the interface of data.TrainData
         self.sharded = False  # the batch order never depends on workers (data.TrainData's interface)
 
     def order(self, epoch):
         """The permutation of the epoch: pictures sorted by a hash of (seed, epoch, index)."""
-        keys = hash32(self.seed, 1_000_003, epoch, torch.arange(self.num_samples, device=self.device))
+        keys = hash32(self.seed, ORDER_STREAM, epoch, torch.arange(self.num_samples, device=self.device))
         return keys.argsort()  # ties broken by index, on every device (hash32 is a bijection of index only mod 2^32)
 
     def batch(self, epoch, index):
@@ -379,7 +394,8 @@ class TrainData:
         attrs = scene(self.seed, "train", index)
         images = render(attrs, view(self.seed, epoch, index, augment=True), self.image_size)
         n = len(ONE) * len(TWO)  # a multiple of both template counts
-        choice = pick(uniform(hash32(self.seed, 11, epoch, index[:, None], torch.arange(self.k, device=index.device))), n)
+        u = uniform(hash32(self.seed, CAPTION_STREAM, epoch, index[:, None], torch.arange(self.k, device=index.device)))
+        choice = pick(u, n)
         if self.k > 1:  # k different paraphrases where there are k
             choice = (choice[:, :1] + torch.arange(self.k, device=index.device)) % n
         tokens = torch.stack([self.captions(attrs, choice[:, j]) for j in range(self.k)], 1)  # (B, k, C)
@@ -388,10 +404,8 @@ class TrainData:
     def batches(self, epoch, start_step=0):
         """Yield (images, tokens) for steps start_step.. of `epoch`, on the device."""
         order = self.order(epoch)
-        B, G = self.batch_size, self.batch_size * self.world_size
         for step in range(start_step, self.steps_per_epoch):
-            first = step * G + self.rank * B
-            yield self.batch(epoch, order[first:first + B])
+            yield self.batch(epoch, order[runtime.rank_slice(step, self.batch_size, self.rank, self.world_size)])
 
 
 # -----------------------------------------------------------------------------
@@ -414,7 +428,8 @@ def probe_labels(attrs):
 
 
 def build_eval_sets(tokenizer, context_length=CONTEXT_LENGTH, image_size=IMAGE_SIZE, seed=0, batch_size=256,
-                    device="cpu", zeroshot_per_class=20, retrieval_size=500, probe_sizes=(4000, 2000)):
+                    device="cpu", zeroshot_per_class=ZEROSHOT_PER_CLASS, retrieval_size=RETRIEVAL_SIZE,
+                    probe_sizes=(PROBES, PROBES // 2)):
     """The held-out evaluation sets of the synthetic set, in memory:
 
     "zeroshot": dict(batches=[(images [b,3,H,W], labels long [b])], classnames, templates, tokens long [n, t, C])
@@ -427,10 +442,9 @@ def build_eval_sets(tokenizer, context_length=CONTEXT_LENGTH, image_size=IMAGE_S
     n = zeroshot_per_class * len(CLASSNAMES)
     images, attrs = pictures(seed, "zeroshot", n, image_size, device)
     labels = attrs["colour"][:, 0] * len(SHAPES) + attrs["shape"][:, 0]
-    prompts = tokenizer([t.format(c) for c in CLASSNAMES for t in TEMPLATES], context_length).to(device)
     sets["zeroshot"] = dict(batches=list(zip(images.split(batch_size), labels.split(batch_size))),
                             classnames=list(CLASSNAMES), templates=list(TEMPLATES),
-                            tokens=prompts.view(len(CLASSNAMES), len(TEMPLATES), context_length))
+                            tokens=prompt_tokens(tokenizer, CLASSNAMES, TEMPLATES, context_length).to(device))
     images, attrs = pictures(seed, "retrieval", retrieval_size, image_size, device)
     captions = Captions(tokenizer, context_length, device)
     tokens = torch.stack([captions(attrs, torch.full_like(attrs["count"], j)) for j in range(FULL_CAPTIONS)], 1)

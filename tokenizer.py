@@ -189,3 +189,10 @@ def get_tokenizer(name, bpe_path=None):
         raise FileNotFoundError(f"the clip-bpe tokenizer needs {BPE_FILE}: pass --bpe PATH (the file ships in the "
                                 f"pip packages open_clip_torch and clip-anytorch), or use the byte tokenizer")
     return BPETokenizer(bpe_path)
+
+
+def prompt_tokens(tokenizer, classnames, templates, context_length):
+    """Zero-shot prompts: every template ("a photo of a {}.") filled with every class name, tokenized: long
+    [classes, templates, context_length]."""
+    prompts = tokenizer([t.format(c) for c in classnames for t in templates], context_length)
+    return prompts.view(len(classnames), len(templates), context_length)

@@ -3,10 +3,10 @@ Train one CLIP model, optionally distilled towards a teacher: one stage of Chain
 et al., CVPR 2026, arXiv 2604.12391, Sec. 3). The smallest model of a chain trains with the CLIP loss alone; every
 larger one, grown from its predecessor (grow.py), adds feature distillation towards it (distill.py).
 
-The recipe is open_clip's: AdamW with betas (0.9, 0.98) and eps 1e-6, no weight decay on gains, biases and the logit
-scale; linear warmup, then cosine decay to 0; the logit scale clamped to [0, ln 100] after every step. A run writes
-checkpoint.pt, metrics.jsonl, config.json and, at the end, open_clip/ (an open_clip local-dir) into its folder, and
-rerunning the same command resumes it exactly. Under torchrun every process runs this file (README, "Many GPUs").
+The recipe is open_clip's (recipe.py): AdamW without weight decay on gains, biases and the logit scale; linear warmup,
+then cosine decay to 0; the logit scale clamped after every step. A run writes checkpoint.pt, metrics.jsonl,
+config.json and, at the end, open_clip/ (an open_clip local-dir) into its folder, and rerunning the same command
+resumes it exactly. Under torchrun every process runs this file (README, "Many GPUs").
 
 Deviations from open_clip's trainer: resume at step rather than epoch granularity; grad-norm clipping on by default;
 the distillation projector is saved with the student (the official CoM-PT code leaves it out); no gradient
@@ -19,7 +19,6 @@ runs on more GPUs, the loss being global, or with --grad-checkpointing).
 import json
 import math
 import os
-import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
@@ -29,17 +28,17 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 import data
 import evaluate
 import grow
 import interop
+import recipe
 import runtime
 import synthetic
 import vit
 from clip_loss import clip_loss
-from distill import FeatureDistill
+from distill import ALPHA, FeatureDistill
 from tokenizer import VOCAB_SIZES
 
 
@@ -64,17 +63,17 @@ class Settings:
     val_data: str = flag("", "retrieval set: synthetic or a source of the --data kinds (synthetic data: its own)")
     templates: str = flag("", "file of zero-shot prompts, one a line with {} for the class name (default: 7 "
                           "open_clip prompts for --zeroshot-data, 3 for synthetic)")
-    probes: int = flag(4000, "synthetic data: pictures that fit the linear probes of its attributes at the end of a run "
-                       "(half as many score them; 0: no probes)")
+    probes: int = flag(synthetic.PROBES, "synthetic data: pictures that fit the linear probes of its attributes at the "
+                       "end of a run (half as many score them; 0: no probes)")
     bpe: str = flag("", "CLIP BPE vocabulary file (bpe_simple_vocab_16e6.txt.gz) for --tokenizer clip-bpe")
     workers: int = flag(0, "data loading processes (0: load in the training process)")
     # optimisation
     epochs: int = flag(8, "passes over the training data")
     steps: int = flag(0, "total optimizer steps; overrides --epochs (0: epochs x steps per epoch)")
-    batch_size: int = flag(64, "image-text pairs per step and process")
-    lr: float = flag(1e-3, "peak AdamW learning rate")
-    wd: float = flag(0.1, "AdamW weight decay (not on gains, biases and the logit scale)")
-    warmup: int = flag(100, "linear learning-rate warmup, in steps")
+    batch_size: int = flag(recipe.TRAIN_BATCH, "image-text pairs per step and process")
+    lr: float = flag(recipe.TRAIN_LR, "peak AdamW learning rate")
+    wd: float = flag(recipe.WEIGHT_DECAY, "AdamW weight decay (not on gains, biases and the logit scale)")
+    warmup: int = flag(recipe.TRAIN_WARMUP, "linear learning-rate warmup, in steps")
     grad_clip: float = flag(1.0, "largest global gradient norm (0: no clipping)")
     seed: int = flag(0, "seed of the model's initialisation and of the data order and augmentation")
     # runtime
@@ -87,8 +86,8 @@ class Settings:
     eval_every: int = flag(1, "evaluate every N epochs, and at the end (0: only at the end)")
     save_every: int = flag(1000, "checkpoint every N steps, and at the end (0: only at the end)")
     log_every: int = flag(50, "log the losses every N steps")
-    resume: str = flag("auto", "auto (from OUT/checkpoint.pt when present), none (start over) or a checkpoint path")
-
+    resume: str = flag("auto", f"auto (from OUT/{interop.RUN_CHECKPOINT} when present), none (start over) or a "
+                       "checkpoint path")
 
 
 def check_settings(settings):
@@ -108,35 +107,7 @@ def check_settings(settings):
 
 
 # -----------------------------------------------------------------------------
-# optimisation: open_clip's AdamW groups, warmup + cosine, one training step
-
-
-def param_groups(model, wd, distill=None):
-    """open_clip's AdamW groups: no weight decay for gains, biases and logit_scale (ndim < 2, or bn/ln/bias/logit_scale
-    in the name); the distillation projector gets its own group with weight decay (as in CoM-PT's KD stage)."""
-    def exclude(n, p):
-        return p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
-    named = list(model.named_parameters())
-    groups = [{"params": [p for n, p in named if not exclude(n, p)], "weight_decay": wd},
-              {"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0}]
-    head = list(distill.parameters()) if distill is not None else []
-    if head:
-        groups.append({"params": head, "weight_decay": wd})
-    return groups
-
-
-def make_optimizer(model, settings, device, distill=None):
-    fused = device.type in ("cuda", "cpu")  # one kernel for all the parameters' updates (README, "Speed")
-    return torch.optim.AdamW(param_groups(model, settings.wd, distill), lr=settings.lr, betas=(0.9, 0.98), eps=1e-6,
-                             fused=fused)
-
-
-def lr_at(step, total_steps, warmup, base_lr):
-    """open_clip's cosine schedule: lr * (step+1) / warmup during warmup, then cosine from lr to 0 at total_steps."""
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return 0.5 * (1 + math.cos(math.pi * progress)) * base_lr
+# one training step: the loss terms, backward, clipping, AdamW, the temperature bound
 
 
 def encode_text(model, tokens):
@@ -186,8 +157,8 @@ def train_step(objective, optimizer, images, tokens, lr, grad_clip, teacher=None
         nn.utils.clip_grad_norm_(objective.parameters(), grad_clip)
     scaler.step(optimizer)  # fp16: skipped when a gradient overflowed
     scaler.update()
-    with torch.no_grad():
-        getattr(objective, "module", objective).model.logit_scale.clamp_(0, math.log(100))
+    with torch.no_grad():  # CLIP's bound on the learned temperature: the logits' scale stays in [1, 100]
+        getattr(objective, "module", objective).model.logit_scale.clamp_(0, recipe.LOGIT_SCALE_MAX)
     values = torch.stack([loss.detach(), *(v.detach() for v in losses.values())])
     if dist.is_initialized():  # each rank's loss averages its own rows of the global batch: their mean is the global loss
         dist.all_reduce(values)
@@ -196,23 +167,117 @@ def train_step(objective, optimizer, images, tokens, lr, grad_clip, teacher=None
 
 
 # -----------------------------------------------------------------------------
-# checkpoints and logs
+# training: setup, the loop, the end
 
 
-def save_checkpoint(path, step, model, optimizer, distill, scaler, settings, world_size, wall_time, losses):
-    """A plain dict of tensors and Python values (torch.load(weights_only=True) reads it), written atomically; the
-    model's own state dict, so no DDP or compile prefix. `losses`: the last logged losses, which a resumed run that
-    has no step left to take reports."""
-    runtime.save_torch({
-        "model": model.state_dict(), "config": model.cfg.to_dict(), "step": step, "optimizer": optimizer.state_dict(),
-        "distill": distill.state_dict() if distill is not None else None, "settings": asdict(settings),
-        "scaler": scaler.state_dict(), "world_size": world_size, "wall_time": wall_time, "losses": losses,
-        "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if next(model.parameters()).is_cuda else []}}, path)
+def train(model, settings, out_dir, *, teacher=None, distill=None):
+    """Train `model` (a vit.CLIP) with `settings`, writing into `out_dir`; returns the final metrics. With a teacher
+    (a vit.CLIP) and `distill` (a module (s_img, s_txt, t_img, t_txt) -> loss), the loss is clip_loss + fd_loss.
+    Under torchrun every process calls it; all return rank 0's metrics."""
+    check_settings(settings)
+    check_teacher(model, teacher, distill)
+    device = runtime.pick_device(settings.device)
+    runtime.init_distributed(device)  # under torchrun: join its process group (once), else nothing
+    rank, world_size = runtime.rank_and_world()
+    precision = settings.precision or runtime.default_precision(device)
+    tokenizer = data.get_tokenizer(model.cfg.tokenizer, settings.bpe or None)
+    train_data = data.train_data_for(settings, model.cfg, tokenizer, rank, world_size, device)
+    eval_sets = evaluate.eval_sets_for(settings, model.cfg, tokenizer) if rank == 0 else {}  # rank 0 evaluates
+    steps_per_epoch = train_data.steps_per_epoch
+    total_steps = settings.steps or settings.epochs * steps_per_epoch
+    objective, optimizer, scaler = prepare(model, teacher, distill, settings, device, precision)
+    # resume from out/checkpoint.pt when present ("auto"), from a given file, or not at all ("none")
+    ckpt_path = os.path.join(out_dir, interop.RUN_CHECKPOINT)
+    start = {"auto": ckpt_path if os.path.exists(ckpt_path) else None, "none": None}.get(settings.resume,
+                                                                                          settings.resume)
+    step, wall_time, losses = resume(start, model, optimizer, distill, settings, device, scaler, world_size,
+                                     train_data.sharded) if start else (0, 0.0, {})
+    if world_size > 1:  # one wrapper for the student and its projector: their gradients are averaged over the ranks
+        objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
+    if rank == 0:
+        print(f"data: {settings.data}: {train_data.num_samples} samples, {steps_per_epoch} steps of "
+              f"{settings.batch_size * world_size} per epoch; training {total_steps} steps", flush=True)
+        os.makedirs(out_dir, exist_ok=True)
+        runtime.save_json({"settings": asdict(settings), "model": model.cfg.to_dict(), "git": runtime.git_hash(),
+                           "torch": torch.__version__, "device": str(device), "precision": precision,
+                           "world_size": world_size, "teacher": teacher.cfg.to_dict() if teacher is not None else None},
+                          os.path.join(out_dir, "config.json"))
+    log = runtime.Log(out_dir, step, total_steps, enabled=rank == 0)  # metrics.jsonl and the console
+    t_start = t_log = time.time()
+    step_log = step
+    while step < total_steps:
+        epoch, first = divmod(step, steps_per_epoch)
+        for images, tokens in train_data.batches(epoch, first):
+            # forward, backward, update: the CLIP loss, plus FD towards the teacher
+            images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
+            lr = recipe.lr_at(step, total_steps, settings.warmup, settings.lr)
+            losses = train_step(objective, optimizer, images, tokens, lr, settings.grad_clip, teacher,
+                                precision=precision, scaler=scaler)
+            if not math.isfinite(losses["loss"]):  # the same on every rank: all stop
+                last = ckpt_path if os.path.exists(ckpt_path) else "none written yet"
+                raise FloatingPointError(f"non-finite loss {losses} at step {step + 1}: run stopped; last good "
+                                         f"checkpoint: {last} (try a lower --lr, keep --grad-clip on)")
+            step += 1
+            log.bar.update()
+            if step % settings.log_every == 0 or step == total_steps:
+                speed = (step - step_log) * settings.batch_size * world_size / (time.time() - t_log)
+                t_log, step_log = time.time(), step
+                log.step(step, total_steps, step / steps_per_epoch, losses, lr, model.logit_scale.exp().item(), speed)
+            if rank == 0 and ((settings.save_every and step % settings.save_every == 0) or step == total_steps):
+                interop.save_checkpoint(ckpt_path, step, model, optimizer, distill, scaler, asdict(settings),
+                                        world_size, wall_time + time.time() - t_start, losses)
+            if step == total_steps:
+                break
+        if step < total_steps and settings.eval_every and (epoch + 1) % settings.eval_every == 0:
+            t_eval = time.time()
+            evaluate_and_log(model, eval_sets, device, precision, log, step, step / steps_per_epoch)
+            t_log += time.time() - t_eval  # samples/s counts training only
+    log.bar.close()
+    if rank == 0:  # the model as an open_clip local-dir, beside the checkpoint
+        interop.export_open_clip(model, model.cfg, os.path.join(out_dir, "open_clip"))
+    # after the writes: once train() returns, every rank can read them
+    metrics = evaluate_and_log(model, eval_sets, device, precision, log, step, step / steps_per_epoch, final=True)
+    skipped = sum(runtime.all_ranks(train_data.skipped), Counter())  # bad samples met, by kind, on all ranks
+    return {"step": step, "num_samples": train_data.num_samples, "samples_seen": step * settings.batch_size * world_size,
+            "wall_time_s": wall_time + time.time() - t_start, **losses, **metrics, "skipped": dict(skipped)}
 
 
-def load_checkpoint(path, model, optimizer, distill, settings, device, scaler=NO_SCALER, world_size=1, sharded=False):
-    """Restore a run from `path` for an exact resume; returns (step, wall time so far in seconds, last losses).
+# -----------------------------------------------------------------------------
+# what train() calls: the distillation module, setup, resume, evaluation
+
+
+def distillation(model, teacher, alpha=ALPHA):
+    """CoM-PT's feature-space transfer towards `teacher` (distill.py): FD of weight alpha, with projectors when the
+    embedding dims differ; None without a teacher."""
+    return FeatureDistill(model.cfg.embed_dim, teacher.cfg.embed_dim, alpha) if teacher is not None else None
+
+
+def check_teacher(model, teacher, distill):
+    if (teacher is None) != (distill is None):
+        raise ValueError("train() needs both a teacher and a distillation module, or neither")
+    for key in ("image_size", "context_length", "vocab_size", "tokenizer") if teacher is not None else ():
+        if getattr(teacher.cfg, key) != getattr(model.cfg, key):  # the teacher sees the student's batches
+            raise ValueError(f"teacher {key} {getattr(teacher.cfg, key)!r} differs from the student's "
+                             f"{getattr(model.cfg, key)!r}; give both the same data shape")
+
+
+def prepare(model, teacher, distill, settings, device, precision):
+    """Models on the device in their modes; the loss module, AdamW and the fp16 grad scaler."""
+    model.to(device).train()
+    model.set_grad_checkpointing(settings.grad_checkpointing)
+    if settings.compile:  # in place: the state dict keeps its keys (no _orig_mod.)
+        model.visual.compile()
+        model.transformer.compile()
+    if teacher is not None:
+        teacher.to(device).eval()
+        distill.to(device).train()
+    optimizer = recipe.make_optimizer(model, settings.lr, settings.wd, device, distill)
+    return Objective(model, distill), optimizer, torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def resume(path, model, optimizer, distill, settings, device, scaler, world_size, sharded):
+    """Restore a run from checkpoint `path` (interop.py reads it) after checking that it is this run's: the same
+    model, data stream, number of processes and teacher; returns (step, wall time so far in seconds, last losses).
     sharded: the data are tar shards, whose batch order also depends on the number of workers (data.ShardStream)."""
     ckpt = interop.load_checkpoint(path)
     if ckpt["config"] != model.cfg.to_dict():
@@ -228,50 +293,7 @@ def load_checkpoint(path, model, optimizer, distill, settings, device, scaler=NO
     if (ckpt["distill"] is None) != (distill is None):
         raise ValueError(f"checkpoint {path} was trained {'without' if distill is not None else 'with'} a teacher; "
                          f"resume it the same way, or use another --out")
-    model.load_state_dict(ckpt["model"])
-    if distill is not None:
-        distill.load_state_dict(ckpt["distill"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if ckpt.get("scaler"):  # fp16 runs: the loss scale
-        scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if device.type == "cuda" and ckpt["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    return ckpt["step"], ckpt["wall_time"], ckpt.get("losses", {})
-
-
-def _record_step(line):
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):  # a record cut short by a crash: dropped
-        return math.inf
-
-
-class Log:
-    """metrics.jsonl and the console, written by rank 0 only: a progress bar on a terminal, plain lines in a log
-    file. A resumed run replays the steps after its checkpoint, so their old records are dropped first."""
-
-    def __init__(self, out_dir, step, total_steps, enabled):
-        self.path, self.enabled = os.path.join(out_dir, "metrics.jsonl"), enabled
-        self.tty = enabled and sys.stderr.isatty()
-        self.bar = tqdm(total=total_steps, initial=step, disable=not self.tty, unit="step", dynamic_ncols=True)
-        if enabled:
-            kept = [r for r in open(self.path) if _record_step(r) <= step] if os.path.exists(self.path) else []
-            runtime.save_text("".join(kept), self.path)
-
-    def __call__(self, record, line, always=True):
-        """Append a record; print its line (steps: only when no bar shows)."""
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if always or not self.tty:
-                tqdm.write(line)
-
-    def step(self, step, total_steps, epoch, losses, lr, logit_scale, speed):
-        record = {"step": step, "epoch": epoch, **losses, "lr": lr, "logit_scale": logit_scale, "samples_per_s": speed}
-        self.bar.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{lr:.2e}", samples_s=f"{speed:.0f}")
-        self(record, f"step {step}/{total_steps} " + " ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step"),
-             always=False)
+    return interop.restore_checkpoint(ckpt, model, optimizer, distill, scaler, device)
 
 
 def evaluate_and_log(model, eval_sets, device, precision, log, step, epoch, final=False):
@@ -286,127 +308,6 @@ def evaluate_and_log(model, eval_sets, device, precision, log, step, epoch, fina
     log({"step": step, "epoch": epoch, **metrics}, f"step {step} eval: " + (
         " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) or "no eval sets (see --zeroshot-data, --val-data)"))
     return metrics
-
-
-# -----------------------------------------------------------------------------
-# training
-
-
-def check_teacher(model, teacher, distill):
-    if (teacher is None) != (distill is None):
-        raise ValueError("train() needs both a teacher and a distillation module, or neither")
-    for key in ("image_size", "context_length", "vocab_size", "tokenizer") if teacher is not None else ():
-        if getattr(teacher.cfg, key) != getattr(model.cfg, key):  # the teacher sees the student's batches
-            raise ValueError(f"teacher {key} {getattr(teacher.cfg, key)!r} differs from the student's "
-                             f"{getattr(model.cfg, key)!r}; give both the same data shape")
-
-
-def source_args(settings):
-    """The data-source flags that data.py's readers take, from the settings."""
-    return dict(data_root=settings.data_root or None, csv_img_key=settings.csv_img_key,
-                csv_caption_key=settings.csv_caption_key, caption_sep=settings.caption_sep or None,
-                captions_per_image=settings.captions_per_image, workers=settings.workers)
-
-
-def build_data(settings, cfg, rank, world_size, device="cpu"):
-    """This rank's training batches (the synthetic set's drawn on `device`), and the evaluation sets (rank 0's; the
-    others get none)."""
-    shape = dict(tokenizer=data.get_tokenizer(cfg.tokenizer, settings.bpe or None), image_size=cfg.image_size,
-                 context_length=cfg.context_length)
-    train_data = data.build_train_data(settings.data, **shape, **source_args(settings), batch_size=settings.batch_size,
-                                       seed=settings.seed, rank=rank, world_size=world_size,
-                                       num_samples=settings.num_samples or None, device=device)
-    eval_sets = evaluate.build_eval_sets(settings.data, **shape, **source_args(settings),
-                                         zeroshot_data=settings.zeroshot_data or None,
-                                         val_data=settings.val_data or None,
-                                         templates=settings.templates or None,
-                                         probes=settings.probes) if rank == 0 else {}
-    return train_data, eval_sets
-
-
-def prepare(model, teacher, distill, settings, device, precision):
-    """Models on the device in their modes; the loss module, AdamW and the fp16 grad scaler."""
-    model.to(device).train()
-    model.set_grad_checkpointing(settings.grad_checkpointing)
-    if settings.compile:  # in place: the state dict keeps its keys (no _orig_mod.)
-        model.visual.compile()
-        model.transformer.compile()
-    if teacher is not None:
-        teacher.to(device).eval()
-        distill.to(device).train()
-    optimizer = make_optimizer(model, settings, device, distill)
-    return Objective(model, distill), optimizer, torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-
-
-def train(model, settings, out_dir, *, teacher=None, distill=None):
-    """Train `model` (a vit.CLIP) with `settings`, writing into `out_dir`; returns the final metrics. With a teacher
-    (a vit.CLIP) and `distill` (a module (s_img, s_txt, t_img, t_txt) -> loss), the loss is clip_loss + fd_loss.
-    Under torchrun every process calls it; all return rank 0's metrics."""
-    check_settings(settings)
-    check_teacher(model, teacher, distill)
-    device = runtime.pick_device(settings.device)
-    runtime.init_distributed(device)  # under torchrun: join its process group (once), else nothing
-    rank, world_size = runtime.rank_and_world()
-    precision = settings.precision or runtime.default_precision(device)
-    train_data, eval_sets = build_data(settings, model.cfg, rank, world_size, device)
-    steps_per_epoch = train_data.steps_per_epoch
-    total_steps = settings.steps or settings.epochs * steps_per_epoch
-    objective, optimizer, scaler = prepare(model, teacher, distill, settings, device, precision)
-    # resume from out/checkpoint.pt when present ("auto"), from a given file, or not at all ("none")
-    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
-    resume = {"auto": ckpt_path if os.path.exists(ckpt_path) else None, "none": None}.get(settings.resume,
-                                                                                           settings.resume)
-    step, wall_time, losses = load_checkpoint(resume, model, optimizer, distill, settings, device, scaler, world_size,
-                                              sharded=train_data.sharded) \
-        if resume else (0, 0.0, {})
-    if world_size > 1:  # one wrapper for the student and its projector: their gradients are averaged over the ranks
-        objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
-    if rank == 0:
-        print(f"data: {settings.data}: {train_data.num_samples} samples, {steps_per_epoch} steps of "
-              f"{settings.batch_size * world_size} per epoch; training {total_steps} steps", flush=True)
-        os.makedirs(out_dir, exist_ok=True)
-        runtime.save_json({"settings": asdict(settings), "model": model.cfg.to_dict(), "git": runtime.git_hash(),
-                           "torch": torch.__version__, "device": str(device), "precision": precision,
-                           "world_size": world_size, "teacher": teacher.cfg.to_dict() if teacher is not None else None},
-                          os.path.join(out_dir, "config.json"))
-    log = Log(out_dir, step, total_steps, enabled=rank == 0)
-    t_start = t_log = time.time()
-    step_log = step
-    while step < total_steps:
-        epoch, first = divmod(step, steps_per_epoch)
-        for images, tokens in train_data.batches(epoch, first):
-            # forward, backward, update: the CLIP loss, plus FD towards the teacher
-            images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
-            lr = lr_at(step, total_steps, settings.warmup, settings.lr)
-            losses = train_step(objective, optimizer, images, tokens, lr, settings.grad_clip, teacher,
-                                precision=precision, scaler=scaler)
-            if not math.isfinite(losses["loss"]):  # the same on every rank: all stop
-                last = ckpt_path if os.path.exists(ckpt_path) else "none written yet"
-                raise FloatingPointError(f"non-finite loss {losses} at step {step + 1}: run stopped; last good "
-                                         f"checkpoint: {last} (try a lower --lr, keep --grad-clip on)")
-            step += 1
-            log.bar.update()
-            if step % settings.log_every == 0 or step == total_steps:
-                speed = (step - step_log) * settings.batch_size * world_size / (time.time() - t_log)
-                t_log, step_log = time.time(), step
-                log.step(step, total_steps, step / steps_per_epoch, losses, lr, model.logit_scale.exp().item(), speed)
-            if rank == 0 and ((settings.save_every and step % settings.save_every == 0) or step == total_steps):
-                save_checkpoint(ckpt_path, step, model, optimizer, distill, scaler, settings, world_size,
-                                wall_time + time.time() - t_start, losses)
-            if step == total_steps:
-                break
-        if step < total_steps and settings.eval_every and (epoch + 1) % settings.eval_every == 0:
-            t_eval = time.time()
-            evaluate_and_log(model, eval_sets, device, precision, log, step, step / steps_per_epoch)
-            t_log += time.time() - t_eval  # samples/s counts training only
-    log.bar.close()
-    if rank == 0:  # the model as an open_clip local-dir, beside the checkpoint
-        interop.export_open_clip(model, model.cfg, os.path.join(out_dir, "open_clip"))
-    # after the writes: once train() returns, every rank can read them
-    metrics = evaluate_and_log(model, eval_sets, device, precision, log, step, step / steps_per_epoch, final=True)
-    skipped = sum(runtime.all_ranks(train_data.skipped), Counter())  # bad samples met, by kind, on all ranks
-    return {"step": step, "num_samples": train_data.num_samples, "samples_seen": step * settings.batch_size * world_size,
-            "wall_time_s": wall_time + time.time() - t_start, **losses, **metrics, "skipped": dict(skipped)}
 
 
 # -----------------------------------------------------------------------------
@@ -444,7 +345,7 @@ def add_model_args(parser):
                         "zoo or ours): loaded when it has the model's shape, grown (--grow-method) when smaller")
     parser.add_argument("--grow-method", default="lossless", choices=grow.METHODS, help="growth operator (grow.py)")
     parser.add_argument("--teacher", default="", help="distil towards this checkpoint's features (CoM-PT's FD loss)")
-    parser.add_argument("--alpha", type=float, default=500.0, help="weight of the feature-distillation loss")
+    parser.add_argument("--alpha", type=float, default=ALPHA, help="weight of the feature-distillation loss")
 
 
 def model_config(size, args, like=None):
@@ -473,7 +374,8 @@ def first_model(cfg, seed, init=None, method="lossless", init_from=""):
 def parse_args(argv=None):
     p = runtime.ArgumentParser(description="Train one CLIP model (optionally distilled from a teacher).")
     p.add_argument("--size", default="cpu-tiny", help=f"model size: {', '.join(vit.SIZES)}")
-    p.add_argument("--out", default="out", help="output folder: checkpoint.pt, metrics.jsonl, config.json, open_clip/")
+    p.add_argument("--out", default="out", help=f"output folder: {interop.RUN_CHECKPOINT}, metrics.jsonl, "
+                   "config.json, open_clip/")
     add_model_args(p)
     add_settings_args(p)  # everything else: the fields of Settings
     return p.parse_args(argv)
@@ -489,8 +391,7 @@ def main(argv=None):
         teacher = interop.load_model(args.teacher) if args.teacher else None
         cfg = model_config(args.size, args, like=init[1] if init else teacher.cfg if teacher else None)
         model = first_model(cfg, settings.seed, init, args.grow_method, args.init_from)
-        distill = FeatureDistill(cfg.embed_dim, teacher.cfg.embed_dim, args.alpha) if teacher else None
-        metrics = train(model, settings, args.out, teacher=teacher, distill=distill)
+        metrics = train(model, settings, args.out, teacher=teacher, distill=distillation(model, teacher, args.alpha))
     except runtime.USER_ERRORS as e:  # one line, no traceback: 2 for bad input, 1 for a run that stopped (NaN, disk)
         runtime.exit_with(e)
     finally:

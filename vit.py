@@ -221,13 +221,13 @@ class CLIP(nn.Module):
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, w))
         self.ln_final = nn.LayerNorm(w)
         self.text_projection = nn.Parameter(torch.empty(w, cfg.embed_dim))
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature 0.07
         self._init_weights()
 
     @torch.no_grad()
     def _init_weights(self):
         # open_clip's text-tower scheme, applied to both towers; LayerNorms stay at (1, 0), biases at 0
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)  # open_clip's (and OpenAI CLIP's) values
         nn.init.normal_(self.positional_embedding, std=0.01)
         for tower, width, layers in ((self.visual.transformer, self.cfg.vision_width, self.cfg.vision_layers),
                                      (self.transformer, self.cfg.text_width, self.cfg.text_layers)):

@@ -30,9 +30,11 @@ import torch
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 import interop  # noqa: E402
+import recipe  # noqa: E402
 import runtime  # noqa: E402
 import train  # noqa: E402
 import vit  # noqa: E402
+from tokenizer import VOCAB_SIZES  # noqa: E402
 
 SECTIONS = ("tests", "train", "ddp", "chain", "bench")
 PEAK_BF16 = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))  # dense, by device name
@@ -84,7 +86,7 @@ def ddp_run(a, out):
     if metrics["samples_seen"] != a.steps * a.batch_size * n:
         raise RuntimeError(f"samples_seen {metrics['samples_seen']}, expected {a.steps} x {a.batch_size} x {n}")
     exported = interop.load_model(os.path.join(run_dir, "open_clip")).state_dict()
-    ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), map_location="cpu", weights_only=True)
+    ckpt = torch.load(os.path.join(run_dir, interop.RUN_CHECKPOINT), map_location="cpu", weights_only=True)
     if not all(torch.equal(exported[k], v) for k, v in ckpt["model"].items()):
         raise RuntimeError("the open_clip export differs from the checkpoint")
     return {"processes": n, "loss": metrics["loss"], "zeroshot_top1": metrics["zeroshot_top1"]}
@@ -105,14 +107,14 @@ def bench(a, compile):
     """Training-step throughput (train.train_step on random data: no loading) of --bench-size at its batch."""
     device = runtime.pick_device(a.device)
     cfg = vit.config(a.bench_size, image_size=a.bench_image_size, patch_size=16, context_length=77,
-                     vocab_size=49408, tokenizer="clip-bpe")
+                     vocab_size=VOCAB_SIZES["clip-bpe"], tokenizer="clip-bpe")  # CLIP's ViT-*-16 text shape
     torch.manual_seed(0)
     model = vit.CLIP(cfg).to(device).train()
     if compile:
         model.visual.compile()
         model.transformer.compile()
     objective = train.Objective(model)
-    optimizer = train.make_optimizer(model, train.Settings(), device)
+    optimizer = recipe.make_optimizer(model, recipe.TRAIN_LR, recipe.WEIGHT_DECAY, device)
     B = a.bench_batch_size
     images = torch.randn(B, 3, cfg.image_size, cfg.image_size, device=device)
     tokens = torch.randint(1, cfg.vocab_size - 1, (B, cfg.context_length), device=device)

@@ -1,7 +1,7 @@
 """
 Training-step speed of this repo against open_clip, side by side in one process, alternating rounds.
 
-Ours is train.train_step exactly as train() runs it (its default precision for the device, AdamW as make_optimizer
+Ours is train.train_step exactly as train() runs it (its default precision for the device, AdamW as recipe.make_optimizer
 builds it, grad-norm clipping at 1.0, the logit-scale clamp, no text work after a batch's longest caption). open_clip's is its CLIP of the same shape with its
 ClipLoss, torch's default AdamW and the clamp, at fp32 and under bf16 autocast (its --precision amp_bf16); the
 ratio is ours over open_clip's best. Shapes: the CoM-PT tiny model at 224 px / patch 16 / 77 tokens, with captions
@@ -24,9 +24,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import data  # noqa: E402
+import recipe  # noqa: E402
 import runtime  # noqa: E402
 import train  # noqa: E402
 import vit  # noqa: E402
+from tokenizer import VOCAB_SIZES  # noqa: E402
 
 try:
     import open_clip
@@ -47,13 +49,14 @@ device = runtime.pick_device(args.device)
 synthetic = data.default_shape("synthetic")
 SHAPES = {  # name -> the data shape, and how long the captions of a batch are
     "224 px, patch 16, 77 tokens, captions of 77 tokens": (dict(image_size=224, patch_size=16, context_length=77,
-                                                                vocab_size=49408), 77),
+                                                                vocab_size=VOCAB_SIZES["clip-bpe"]), 77),
     "224 px, patch 16, 77 tokens, captions of at most 32": (dict(image_size=224, patch_size=16, context_length=77,
-                                                                 vocab_size=49408), 32),
+                                                                 vocab_size=VOCAB_SIZES["clip-bpe"]), 32),
     f"{synthetic['image_size']} px, patch {synthetic['patch_size']}, {synthetic['context_length']} tokens, the synthetic "
     "set's captions (the main command's stage 1)": (dict(image_size=synthetic["image_size"],
                                                          patch_size=synthetic["patch_size"],
-                                                         context_length=synthetic["context_length"], vocab_size=259),
+                                                         context_length=synthetic["context_length"],
+                                                         vocab_size=VOCAB_SIZES["byte"]),
                                                     "synthetic")}
 
 
@@ -80,7 +83,7 @@ def ours(cfg, captions):
     torch.manual_seed(0)
     model = vit.CLIP(cfg).to(device).train()
     settings = train.Settings(device=args.device)
-    objective, optimizer = train.Objective(model), train.make_optimizer(model, settings, device)
+    objective, optimizer = train.Objective(model), recipe.make_optimizer(model, settings.lr, settings.wd, device)
     images, tokens = batch(cfg, captions)
     return lambda: train.train_step(objective, optimizer, images, tokens, settings.lr, settings.grad_clip)
 

@@ -22,7 +22,6 @@ results/study-<config>.json and results/study-<config>-*.svg. What is measured, 
    5000; the grown stage's peak lr and warmup.
 4. The ledger of the official CC3M chain (chain.py --dry-run).
 """
-import argparse
 import math
 import os
 import statistics
@@ -39,10 +38,12 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 import chain  # noqa: E402
 import data  # noqa: E402
 import interop  # noqa: E402
+import ledger  # noqa: E402
+import recipe  # noqa: E402
 import runtime  # noqa: E402
 import train  # noqa: E402
 import vit  # noqa: E402
-from distill import FeatureDistill  # noqa: E402
+from distill import ALPHA  # noqa: E402
 from svg import line_chart  # noqa: E402
 
 
@@ -75,6 +76,7 @@ CONFIGS = {
                     alone=(1 / 2, 1), families=(("cpu-tiny", "cpu-small"),), ablation_fraction=1 / 4,
                     ablation_seeds=(0,)),  # a minute: checks the pipeline, not the claims
 }
+CC3M_CHAIN = "tiny,small,base,large"  # part 4: the paper's four-model chain
 METRICS = {"zeroshot_top1": "zero-shot top-1", "retrieval_R@1": "retrieval R@1 (mean of both ways)"}
 
 
@@ -87,9 +89,9 @@ class Job:
     start: str = ""  # the job whose trained model this one is grown from ("": a fresh init)
     teacher: str = ""  # the job whose trained model this one is distilled towards ("": none)
     grow_method: str = "lossless"
-    alpha: float = 500.0
-    lr: float = chain.OFFICIAL_LR
-    warmup: int = chain.MIN_WARMUP
+    alpha: float = ALPHA
+    lr: float = recipe.OFFICIAL_LR
+    warmup: int = recipe.MIN_WARMUP
 
 
 def fraction_name(f):
@@ -104,6 +106,7 @@ def plan(config):
     """Every training of the study, by name "s<seed>/<key>" (each job after the ones it starts from), and the keys
     of each part of the report: alone and chained (per size), family (the chains), ablation ((tag, key) pairs)."""
     L, jobs = config.first_steps, {}
+    E = recipe.OFFICIAL_EPOCHS[0]  # L steps stand for the first model's official CC3M epochs
     parts = dict(alone={s: [] for s in config.sizes[1:]}, chained={s: [] for s in config.sizes[1:]}, family=[],
                  ablation=[])
 
@@ -114,13 +117,13 @@ def plan(config):
         return job
 
     def alone(size, steps, seed):  # the first stage's official warmup fraction
-        return Job(f"s{seed}/{size}-{steps}", size, steps, seed, warmup=chain.official_warmup(steps, False,
-                                                                                               128 * steps / L))
+        return Job(f"s{seed}/{size}-{steps}", size, steps, seed, warmup=recipe.official_warmup(steps, False,
+                                                                                               E * steps / L))
 
     def grown(size, steps, predecessor, **kw):  # a grown stage's official warmup fraction
         return Job(f"s{predecessor.seed}/{size}-after-{key(predecessor.name)}-{steps}", size, steps,
                    predecessor.seed, start=predecessor.name, teacher=predecessor.name,
-                   warmup=chain.official_warmup(steps, True, 128 * steps / L), **kw)
+                   warmup=recipe.official_warmup(steps, True, E * steps / L), **kw)
 
     for seed in sorted(set(config.seeds) | set(config.ablation_seeds)):
         first = add(alone(config.sizes[0], L, seed))
@@ -142,9 +145,8 @@ def plan(config):
                     parts["ablation"].append((tag, key(variant.name)))
     for family in config.families:  # part 2: the official stage lengths, seed 0, and every member's twin
         predecessor, keys = add(alone(family[0], L, 0)), [f"{family[0]}-{L}"]
-        for i, size in enumerate(family[1:], 1):
-            epochs = chain.OFFICIAL_EPOCHS[min(i, len(chain.OFFICIAL_EPOCHS) - 1)]
-            predecessor = add(grown(size, round(L * epochs / 128), predecessor))
+        for size, epochs in zip(family[1:], recipe.official_epochs(len(family))[1:]):
+            predecessor = add(grown(size, round(L * epochs / E), predecessor))
             keys.append(key(predecessor.name))
             add(alone(size, L, 0))
         parts["family"].append(keys)
@@ -176,10 +178,7 @@ def shape(size):
 
 
 def load(root, name):
-    ckpt = interop.load_checkpoint(os.path.join(root, name, "checkpoint.pt"))
-    model = vit.CLIP(vit.CLIPConfig.from_dict(ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
-    return model
+    return interop.load_model(os.path.join(root, name))  # the job's checkpoint.pt
 
 
 def run_job(job, config, root):
@@ -194,13 +193,13 @@ def run_job(job, config, root):
     if job.start:
         model = chain.grown(load(root, job.start), stage, job.grow_method)
     teacher = load(root, job.teacher) if job.teacher else None
-    distill = FeatureDistill(model.cfg.embed_dim, teacher.cfg.embed_dim, job.alpha) if teacher else None
+    distill = train.distillation(model, teacher, job.alpha)
     return chain.train_stage(stage, model, teacher, distill)  # its final evaluation has the attribute probes
 
 
 def run_all(jobs, config, root, workers):
     """Run every job not finished yet, each once its predecessors are, longest first among the ready ones."""
-    done = {n for n in jobs if os.path.exists(os.path.join(root, n, "result.json"))}
+    done = {n for n in jobs if os.path.exists(os.path.join(root, n, chain.RESULT))}
     cost = {n: j.steps * vit.flops_per_sample(shape(j.size)) for n, j in jobs.items()}
     running, started = {}, time.time()
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
@@ -221,13 +220,13 @@ def run_all(jobs, config, root, workers):
 # costs, aggregation, verdicts
 
 
-def training_flops(job, jobs):
-    """The job's own training FLOPs (3 x its forward per sample, plus its teacher's forward), and the cumulative cost
-    of the model it yields: the predecessors' and teachers' trainings included."""
-    own = job.steps * (3 * vit.flops_per_sample(shape(job.size)) +
-                       (vit.flops_per_sample(shape(jobs[job.teacher].size)) if job.teacher else 0))
+def training_flops(job, jobs, batch_size):
+    """The job's own training FLOPs (ledger.py's convention: 3 x its forward per sample, plus its teacher's forward),
+    and the cumulative cost of the model it yields: the predecessors' and teachers' trainings included."""
+    teacher = ledger.forward_flops(shape(jobs[job.teacher].size)) if job.teacher else 0
+    own = ledger.training_flops(job.steps * batch_size, ledger.forward_flops(shape(job.size)), teacher)
     before = {d for d in (job.start, job.teacher) if d}
-    return own, own + sum(training_flops(jobs[d], jobs)[1] for d in before)
+    return own, own + sum(training_flops(jobs[d], jobs, batch_size)[1] for d in before)
 
 
 def measure(result, metric):
@@ -236,10 +235,10 @@ def measure(result, metric):
     return 100 * result[metric]
 
 
-def point(names, jobs, results, metric):
+def point(names, jobs, results, metric, batch_size):
     """(cumulative cost, mean, low, high) of the same training over seeds."""
     values = [measure(results[n], metric) for n in names]
-    return (training_flops(jobs[names[0]], jobs)[1], statistics.mean(values), min(values), max(values))
+    return (training_flops(jobs[names[0]], jobs, batch_size)[1], statistics.mean(values), min(values), max(values))
 
 
 def interpolate(curve, x):
@@ -281,8 +280,8 @@ def cost_part(config, jobs, parts, results, out):
     md, summary = [], {}
     for size in config.sizes[1:]:
         for metric, label in METRICS.items():
-            a = [point(seeds_of(jobs, k), jobs, results, metric) for k in parts["alone"][size]]
-            c = [point(seeds_of(jobs, k), jobs, results, metric) for k in parts["chained"][size]]
+            a = [point(seeds_of(jobs, k), jobs, results, metric, config.batch_size) for k in parts["alone"][size]]
+            c = [point(seeds_of(jobs, k), jobs, results, metric, config.batch_size) for k in parts["chained"][size]]
             word, gaps = verdict(a, c)
             summary[f"{size}/{metric}"] = dict(alone=a, chained=c, verdict=word, gaps=gaps)
             series = [dict(label="alone", colour="#d62728", points=a),
@@ -303,7 +302,7 @@ def family_part(config, jobs, parts, results):
     L, md, summary = config.first_steps, [], []
     for family, keys in zip(config.families, parts["family"]):
         names = [f"s0/{k}" for k in keys]
-        _, totals = chain.ledger([shape(s) for s in family], [jobs[n].steps * config.batch_size for n in names])
+        _, totals = ledger.ledger([shape(s) for s in family], [jobs[n].steps * config.batch_size for n in names])
         members = [dict(size=size, chain={m: measure(results[n], m) for m in METRICS},
                         alone={m: measure(results[f"s0/{size}-{L}"], m) for m in METRICS})
                    for size, n in zip(family, names)]
@@ -327,7 +326,7 @@ def ablation_part(config, jobs, parts, results):
         values = {m: statistics.mean(measure(results[n], m) for n in names) for m in METRICS}
         values.update({p: statistics.mean(100 * results[n][p] for n in names) for p in probes})
         summary[tag] = values
-        label = "the method: lossless growth + FD (alpha 500)" if tag == "method" else \
+        label = f"the method: lossless growth + FD (alpha {ALPHA:g})" if tag == "method" else \
             ABLATION_LABELS.get(tag, tag.replace("-", " ") + " steps")
         md.append(f"| {label} | " + " | ".join(f"{values[k]:.1f}" for k in [*METRICS, *probes]) + " |")
     steps = jobs[seeds_of(jobs, parts["ablation"][0][1])[0]].steps
@@ -338,16 +337,18 @@ def ablation_part(config, jobs, parts, results):
 
 
 def cc3m_ledger():
-    args = chain.parse_args(["--sizes", "tiny,small,base,large", "--data", "cc3m.csv", "--num-samples", "2905954",
-                             "--batch-size", "1024", "--captions-per-image", "7", "--tokenizer", "byte"])
-    settings = train.Settings(data="cc3m.csv", num_samples=2905954, batch_size=1024, captions_per_image=7)
-    stages = chain.plan(args, settings)
-    return chain.ledger([st.cfg for st in stages], [st.samples for st in stages], 7)[1]
+    """The totals of the official CC3M chain's ledger, as chain.py --dry-run prints them."""
+    cc3m = dict(data="cc3m.csv", num_samples=recipe.CC3M_SAMPLES, batch_size=recipe.OFFICIAL_BATCH,
+                captions_per_image=recipe.OFFICIAL_CAPTIONS)
+    args = chain.parse_args(["--sizes", CC3M_CHAIN, "--tokenizer", "byte",
+                             *(f"--{k.replace('_', '-')}={v}" for k, v in cc3m.items())])
+    stages = chain.plan(args, train.Settings(**cc3m))
+    return ledger.ledger([st.cfg for st in stages], [st.samples for st in stages], recipe.OFFICIAL_CAPTIONS)[1]
 
 
 def report(config, jobs, parts, root, out):
-    results = {n: runtime.load_json(os.path.join(root, n, "result.json"), "study result") for n in jobs
-               if os.path.exists(os.path.join(root, n, "result.json"))}
+    results = {n: runtime.load_json(os.path.join(root, n, chain.RESULT), "study result") for n in jobs
+               if os.path.exists(os.path.join(root, n, chain.RESULT))}
     missing = [n for n in jobs if n not in results]
     if missing:
         raise ValueError(f"{len(missing)} of {len(jobs)} trainings are not finished (e.g. {missing[0]}); run the "
@@ -355,8 +356,8 @@ def report(config, jobs, parts, root, out):
     cost_md, cost = cost_part(config, jobs, parts, results, out)
     family_md, family = family_part(config, jobs, parts, results)
     ablation_md, ablation = ablation_part(config, jobs, parts, results)
-    ledger = cc3m_ledger()
-    summary = dict(config=asdict(config), cost=cost, family=family, ablation=ablation, cc3m_ledger=ledger,
+    cc3m = cc3m_ledger()
+    summary = dict(config=asdict(config), cost=cost, family=family, ablation=ablation, cc3m_ledger=cc3m,
                    results=results, git=runtime.git_hash())
     runtime.save_json(summary, os.path.join(out, f"study-{config_name}.json"))
     md = [f"# Study ({config_name} configuration)", "", f"First stage {config.first_steps} steps of "
@@ -364,8 +365,9 @@ def report(config, jobs, parts, root, out):
           "## 1. Accuracy against cost", "", *cost_md, "", "## 2. Family size (seed 0)", "", *family_md, "",
           f"## 3. Ablations of the first grown stage (mean of seeds {list(config.ablation_seeds)})", "", *ablation_md,
           "", "## 4. The official CC3M chain's ledger", "",
-          f"tiny -> small -> base -> large, 128/24/16/16 epochs, 7 captions: {ledger['speedup']:.2f}x cheaper than "
-          f"the four alone, {100 * ledger['saving_vs_largest']:.1f}% cheaper than large alone.", ""]
+          f"{CC3M_CHAIN.replace(',', ' -> ')}, {'/'.join(map(str, recipe.OFFICIAL_EPOCHS))} epochs, "
+          f"{recipe.OFFICIAL_CAPTIONS} captions: {cc3m['speedup']:.2f}x cheaper than "
+          f"the four alone, {100 * cc3m['saving_vs_largest']:.1f}% cheaper than large alone.", ""]
     runtime.save_text("\n".join(md), os.path.join(out, f"study-{config_name}.md"))
     print("\n".join(md))
 

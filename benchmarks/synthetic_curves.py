@@ -3,7 +3,7 @@ Learning curves on the synthetic set: train one model alone with train.py's reci
 it knows: zero-shot top-1/top-5, retrieval R@1 both ways, and a linear probe per attribute on its frozen image
 features (what the image tower has learned, whether or not the captions made the model use it).
 
-The recipe is train.py's own (train.Objective, make_optimizer, train_step, lr_at: AdamW lr 1e-3, wd 0.1, warmup 100,
+The recipe is train.py's own (train.Objective and train_step, recipe.make_optimizer and lr_at: AdamW lr 1e-3, wd 0.1, warmup 100,
 cosine over the run, grad clip 1, train.py's precision for the device) on synthetic.TrainData at the set's data shape (synthetic.py:
 image size, patch, context, byte tokenizer). Prints a table; writes OUT/SIZE.json.
 
@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import evaluate  # noqa: E402
+import recipe  # noqa: E402
 import runtime  # noqa: E402
 import synthetic  # noqa: E402
 import tokenizer as tokenizers  # noqa: E402
@@ -36,7 +37,8 @@ def measure(model, eval_sets, device, precision):
     return out
 
 
-def run(size, steps, eval_every, seed=0, batch_size=64, lr=1e-3, warmup=100, device="cpu", precision="", log=print):
+def run(size, steps, eval_every, seed=0, batch_size=recipe.TRAIN_BATCH, lr=recipe.TRAIN_LR, warmup=recipe.TRAIN_WARMUP,
+        device="cpu", precision="", log=print):
     """Train `size` alone for `steps` steps; returns the list of evaluation records (step, metrics, time)."""
     device = torch.device(device)
     precision = precision or runtime.default_precision(device)
@@ -47,7 +49,7 @@ def run(size, steps, eval_every, seed=0, batch_size=64, lr=1e-3, warmup=100, dev
     model = vit.CLIP(cfg).to(device).train()
     settings = train.Settings(lr=lr, warmup=warmup, batch_size=batch_size, seed=seed)
     objective = train.Objective(model).to(device)
-    optimizer = train.make_optimizer(model, settings, device)
+    optimizer = recipe.make_optimizer(model, settings.lr, settings.wd, device)
     data = synthetic.TrainData(synthetic.NUM_SAMPLES, batch_size, seed, tokenizer=tokenizer, device=device)
     eval_sets = synthetic.build_eval_sets(tokenizer, seed=seed)
     records, step, train_time = [], 0, 0.0
@@ -55,7 +57,7 @@ def run(size, steps, eval_every, seed=0, batch_size=64, lr=1e-3, warmup=100, dev
         epoch, first = divmod(step, data.steps_per_epoch)
         t0 = time.time()
         for images, tokens in data.batches(epoch, first):
-            lr_now = train.lr_at(step, steps, settings.warmup, settings.lr)
+            lr_now = recipe.lr_at(step, steps, settings.warmup, settings.lr)
             losses = train.train_step(objective, optimizer, images, tokens, lr_now, settings.grad_clip,
                                       precision=precision)
             step += 1
@@ -93,9 +95,9 @@ def main():
     parser.add_argument("--size", default="cpu-tiny", help=f"model size: {', '.join(vit.SIZES)}")
     parser.add_argument("--steps", type=int, default=1000, help="training steps of batch --batch-size")
     parser.add_argument("--eval-every", type=int, default=250, help="evaluate every N steps, and at the end")
-    parser.add_argument("--batch-size", type=int, default=64, help="image-text pairs per step")
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (train.py's default)")
-    parser.add_argument("--warmup", type=int, default=100, help="linear warmup steps, then cosine to 0 at --steps")
+    parser.add_argument("--batch-size", type=int, default=recipe.TRAIN_BATCH, help="image-text pairs per step")
+    parser.add_argument("--lr", type=float, default=recipe.TRAIN_LR, help="peak learning rate (train.py's default)")
+    parser.add_argument("--warmup", type=int, default=recipe.TRAIN_WARMUP, help="linear warmup steps, then cosine to 0 at --steps")
     parser.add_argument("--seed", type=int, default=0, help="seed of the init, the data order and the eval sets")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")

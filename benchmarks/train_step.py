@@ -17,6 +17,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import recipe  # noqa: E402
 import runtime  # noqa: E402
 import train  # noqa: E402
 import vit  # noqa: E402
@@ -46,7 +47,7 @@ model = vit.CLIP(cfg).to(device).train()
 model.set_grad_checkpointing(args.grad_checkpointing)
 settings = train.Settings()
 objective = train.Objective(model)
-optimizer = train.make_optimizer(model, settings, device)
+optimizer = recipe.make_optimizer(model, settings.lr, settings.wd, device)
 
 images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
 tokens = torch.randint(1, args.vocab_size - 1, (args.batch_size, args.context_length), device=device)

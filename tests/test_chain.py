@@ -9,6 +9,8 @@ import torch
 import chain
 import data
 import evaluate
+import ledger
+import recipe
 import synthetic
 import train
 import vit
@@ -68,7 +70,7 @@ def test_unknown_size_and_bad_lists_are_one_line_errors(capsys, tmp_path):
 def test_ledger_matches_a_hand_computation():
     a, b = vit.config("cpu-tiny"), vit.config("cpu-small")
     (ia, ta), (ib, tb) = vit.image_text_flops(a), vit.image_text_flops(b)
-    rows, totals = chain.ledger([a, b], [100, 30], captions=3)
+    rows, totals = ledger.ledger([a, b], [100, 30], captions=3)
     fa, fb = ia + 3 * ta, ib + 3 * tb
     assert [r["train_flops"] for r in rows] == [100 * 3 * fa, 30 * (3 * fb + fa)]  # student x3, teacher x1
     assert [r["independent_flops"] for r in rows] == [100 * 3 * fa, 100 * 3 * fb]  # the first stage's schedule
@@ -103,11 +105,11 @@ def test_default_schedule_is_the_official_one(capsys):
     assert [st.settings.lr for st in stages] == [1e-3] * 4
     # the synthetic set: steps in the official proportions, warmups of at least 50 steps (at most half a stage)
     stages = chain.plan(chain.parse_args(["--sizes", SIZES]), train.Settings(num_samples=1000))
-    first = chain.SYNTHETIC_FIRST_STEPS
+    first = recipe.CHAIN_FIRST_STEPS
     steps = [first, round(first * 24 / 128), round(first * 16 / 128)]
     assert [st.settings.steps for st in stages] == steps
     assert [st.settings.warmup for st in stages] == [min(s // 2, 50) for s in steps]
-    assert [st.settings.lr for st in stages] == [chain.SYNTHETIC_LR] * 3 and chain.SYNTHETIC_LR < 1e-3
+    assert [st.settings.lr for st in stages] == [recipe.CHAIN_LR] * 3 and recipe.CHAIN_LR < 1e-3
     # one value stands for every stage
     stages = chain.plan(chain.parse_args(["--sizes", SIZES, "--steps", "7", "--lr", "2e-4"]), train.Settings())
     assert [(st.settings.steps, st.settings.lr) for st in stages] == [(7, 2e-4)] * 3

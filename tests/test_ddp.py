@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import chain
 import data
 import interop
+import recipe
 import runtime
 import train
 import vit
@@ -44,7 +45,7 @@ def one_step(rank=0, world=1):
     objective = train.Objective(student, distill)
     wrapped = DDP(objective) if world > 1 else objective
     images, tokens = (x.chunk(world)[rank] for x in global_batch())
-    optimizer = train.make_optimizer(student, train.Settings(), torch.device("cpu"), distill)
+    optimizer = recipe.make_optimizer(student, recipe.TRAIN_LR, recipe.WEIGHT_DECAY, torch.device("cpu"), distill)
     losses = train.train_step(wrapped, optimizer, images, tokens, 0.0, 0.0, tiny_model(1), precision="fp32")
     return losses, {n: p.grad.clone() for n, p in objective.named_parameters()}
 

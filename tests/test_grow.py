@@ -114,6 +114,11 @@ def corner_expected(small, fresh_big):
     return out
 
 
+def test_grow_keeps_the_model_head_dim():
+    # grow.py keeps its own copy so that it can be pasted into another codebase with torch alone
+    assert grow.HEAD_DIM == vit.HEAD_DIM
+
+
 def test_inherit_is_the_official_corner_copy_with_its_qkv_misplacement():
     (s_cfg, s), (b_cfg, b) = trained_like("tiny"), fresh("small")  # vision 192 -> 384, text 256 -> 384
     b_before = {k: v.clone() for k, v in b.items()}

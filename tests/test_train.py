@@ -13,6 +13,7 @@ import torch.nn as nn
 import data
 import grow
 import interop
+import recipe
 import runtime
 import train
 import vit
@@ -29,6 +30,10 @@ def tiny_model(seed=0, **overrides):
 def tiny_settings(**overrides):
     return train.Settings(**{**dict(steps=4, batch_size=8, warmup=2, lr=1e-3, num_samples=64, device="cpu",
                                     precision="fp32", save_every=2, log_every=1, probes=0), **overrides})
+
+
+def make_optimizer(model, settings, distill=None):
+    return recipe.make_optimizer(model, settings.lr, settings.wd, torch.device("cpu"), distill)
 
 
 def batch(cfg, n=8, seed=0):
@@ -54,7 +59,7 @@ def test_every_parameter_gets_a_gradient_and_the_teacher_none():
     student, teacher = tiny_model(0, embed_dim=32), tiny_model(1)
     distill = Spy(32, teacher.cfg.embed_dim)  # different dims: a trained projector
     objective = train.Objective(student, distill)
-    optimizer = train.make_optimizer(student, tiny_settings(), torch.device("cpu"), distill)
+    optimizer = make_optimizer(student, tiny_settings(), distill)
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     losses = train.train_step(objective, optimizer, *batch(student.cfg), 1e-3, 1.0, teacher)
     assert set(losses) == {"loss", "clip_loss", "fd_loss"} and losses["fd_loss"] > 0
@@ -69,7 +74,7 @@ def test_every_parameter_gets_a_gradient_and_the_teacher_none():
 def test_param_groups_follow_open_clip():
     model = tiny_model()
     distill = FeatureDistill(512, 256)
-    groups = train.param_groups(model, 0.1, distill)
+    groups = recipe.param_groups(model, 0.1, distill)
     names = {id(p): n for n, p in model.named_parameters()}
     decay = {names[id(p)] for p in groups[0]["params"]}
     no_decay = {names[id(p)] for p in groups[1]["params"]}
@@ -85,12 +90,12 @@ def test_param_groups_follow_open_clip():
               "transformer.resblocks.0.ln_1.weight", "transformer.resblocks.0.attn.in_proj_bias",
               "visual.transformer.resblocks.0.mlp.c_proj.bias"):
         assert n in no_decay, n
-    assert len(train.param_groups(model, 0.1, FeatureDistill(512, 512))) == 2  # identity projector: no group
+    assert len(recipe.param_groups(model, 0.1, FeatureDistill(512, 512))) == 2  # identity projector: no group
 
 
 def test_lr_schedule_is_open_clips_warmup_and_cosine():
     total, warmup, lr = 100, 10, 2.0
-    got = [train.lr_at(s, total, warmup, lr) for s in range(total)]
+    got = [recipe.lr_at(s, total, warmup, lr) for s in range(total)]
     assert got[:10] == pytest.approx([lr * (s + 1) / warmup for s in range(10)])
     assert got[10] == pytest.approx(lr)  # cosine starts at the peak
     assert got[55] == pytest.approx(lr / 2)  # halfway through the decay
@@ -104,7 +109,7 @@ def test_logit_scale_is_clamped_after_each_step(start, expected):
     with torch.no_grad():
         model.logit_scale.fill_(start)
     objective = train.Objective(model)
-    optimizer = train.make_optimizer(model, tiny_settings(), torch.device("cpu"))
+    optimizer = make_optimizer(model, tiny_settings())
     images, tokens = batch(model.cfg)
     train.train_step(objective, optimizer, images, tokens, 1e-4, 1.0)
     assert model.logit_scale.item() == pytest.approx(expected)
@@ -124,7 +129,7 @@ def test_several_captions_per_image_keep_their_slots():
 def step_losses_and_grads(precision, scaler=train.NO_SCALER, grad_clip=0.0):
     model = tiny_model()
     objective = train.Objective(model)
-    optimizer = train.make_optimizer(model, tiny_settings(), torch.device("cpu"))
+    optimizer = make_optimizer(model, tiny_settings())
     losses = train.train_step(objective, optimizer, *batch(model.cfg), 0.0, grad_clip, precision=precision, scaler=scaler)
     return losses, torch.cat([p.grad.flatten() for p in model.parameters()])
 
