@@ -19,6 +19,7 @@ ALLOWED = {**{name: set() for name in CORE},
            "interop": {"vit", "grow", "tokenizer", "runtime"},
            "data": {"vit", "tokenizer", "runtime", "synthetic"},
            "ledger": {"vit"},
+           "grow_recipes": {"grow"},  # grow.py in timm and Hugging Face models: torch and grow.py only
            "evaluate": {"vit", "tokenizer", "runtime", "synthetic", "interop", "data", "recipe"}}
 ALLOWED["train"] = ALLOWED["evaluate"] | {"evaluate", "clip_loss", "distill", "grow"}
 ALLOWED["chain"] = ALLOWED["train"] | {"train", "ledger"}
