@@ -11,7 +11,7 @@ predecessor (distill.py: the feature-space transfer), for far fewer epochs than 
         --batch-size 128                                     # the paper's CC3M chain (x 8 GPUs under torchrun)
 
 A run writes one folder per stage (train.py's files, plus result.json once finished), manifest.json and report.md /
-report.json; rerunning the same command resumes it, and a command that does not match the manifest is refused.
+report.json; the same command, run by as many processes, resumes it; one that does not match the manifest is refused.
 
 Deviations from the official code: one process runs the whole chain, handing each trained model to the next stage
 with no manual conversion; the distillation projectors are saved with the students; the growth operator is a flag
@@ -176,10 +176,14 @@ def check_manifest(out, manifest):
     manifest = json.loads(json.dumps(manifest))  # as it reads back
     if os.path.exists(path):
         old = runtime.load_json(path, "chain manifest")
-        for key in [*manifest, *old]:  # in the manifest's order: sizes first
-            if old.get(key) != manifest.get(key):
-                raise ValueError(f"{out} holds another chain run ({key}: {old.get(key)} there, {manifest.get(key)} "
-                                 "in this command); rerun its command to resume it, or pass another --out")
+        for key in [*manifest, *old]:  # in the manifest's order: sizes first, then the number of processes
+            there, here = old.get(key), manifest.get(key)
+            if there != here and key == "world_size" and there is not None:  # as train.py's refusal says it
+                raise ValueError(f"{out} holds a chain run by {there} process{'es' * (there != 1)}, not {here}; resume "
+                                 "it with as many (torchrun --nproc_per_node x --nnodes), or pass another --out")
+            if there != here:
+                raise ValueError(f"{out} holds another chain run ({key}: {there} there, {here} in this command); "
+                                 "rerun its command to resume it, or pass another --out")
     runtime.from_rank0(None)  # under torchrun: every rank has read it before rank 0 rewrites it
     if runtime.is_rank0():
         os.makedirs(out, exist_ok=True)
@@ -236,8 +240,8 @@ def main(argv=None):
         check_inputs(stages[0])
         model = train.first_model(stages[0].cfg, settings.seed, init, args.grow_method, args.init_from)
         check_manifest(args.out, dict(
-            sizes=[st.size for st in stages], grow_method=args.grow_method, alpha=args.alpha,
-            init_from=args.init_from, teacher=args.teacher,
+            sizes=[st.size for st in stages], world_size=runtime.world_size(),  # with batch_size: the global batch
+            grow_method=args.grow_method, alpha=args.alpha, init_from=args.init_from, teacher=args.teacher,
             **{k: [getattr(st.settings, k) for st in stages] for k in ("steps", "warmup", "lr")},
             **{k: v for k, v in asdict(settings).items() if k not in RUNTIME + PER_STAGE},
             models=[st.cfg.to_dict() for st in stages]))

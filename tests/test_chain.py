@@ -151,6 +151,16 @@ def test_chain_trains_resumes_and_refuses_another_command(tmp_path, monkeypatch,
     regrown = torch.load(os.path.join(out, dirs[2], "checkpoint.pt"), weights_only=True)["model"]
     assert all(torch.equal(weights[k], regrown[k]) for k in weights)
 
+    # the same command with another number of processes (the global batch): refused, the report left as it is
+    with open(os.path.join(out, "report.json")) as f:
+        report = f.read()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun --nproc_per_node 2 sets; no process group is joined first
+    assert error_of(argv, capsys).endswith(f"{out} holds a chain run by 1 process, not 2; resume it with as many "
+                                           "(torchrun --nproc_per_node x --nnodes), or pass another --out")
+    monkeypatch.delenv("WORLD_SIZE")  # (a 2-process chain rerun by 1 process: tests/test_ddp.py)
+    with open(os.path.join(out, "report.json")) as f:
+        assert f.read() == report
+
     capsys.readouterr()
     err = error_of(["--sizes", "cpu-tiny,cpu-small", "--steps", "2,1", "--out", out, *FAST], capsys)
     assert "sizes" in err and "--out" in err

@@ -3,7 +3,8 @@ environment variables. Pinned: 2 ranks at batch b give the loss and the gradient
 same samples (CLIP loss over the global batch, FD per sample); a 2-rank train() trains like 1 process at twice the
 batch, writes one checkpoint without wrapper prefixes and one set of records, keeps the ranks identical, returns
 rank 0's metrics everywhere, exports an open_clip local-dir (that open_clip loads, when installed), and resumes
-exactly on every rank; a 2-stage chain under the same group completes with one report."""
+exactly on every rank; a 2-stage chain under the same group completes with one report, which a rerun by one process
+is refused to rewrite."""
 import json
 import os
 import socket
@@ -24,6 +25,9 @@ from distill import FeatureDistill
 
 WORLD, B = 2, 4  # processes, batch per process
 TINY = dict(image_size=32, patch_size=16, context_length=16, vocab_size=259, tokenizer="byte")
+CHAIN = ["--sizes", "cpu-tiny,cpu-small", "--steps", "2,2", "--batch-size", str(B), "--num-samples", "32",
+         "--image-size", "32", "--patch-size", "16", "--context-length", "16", "--device", "cpu", "--precision", "fp32",
+         "--eval-every", "0", "--probes", "0"]  # a 2-stage chain (grow + FD), the flags of each rank
 
 
 def tiny_model(seed, **overrides):
@@ -100,10 +104,7 @@ def worker(rank, port, tmp):
         train.train(model, settings(), os.path.join(tmp, "resumed"))
         saw["resumed"] = model.state_dict()
         # a 2-stage chain (grow + FD) under the same process group, as `torchrun chain.py` runs it
-        saw["chain"] = chain.main(["--sizes", "cpu-tiny,cpu-small", "--steps", "2,2", "--batch-size", str(B),
-                                   "--num-samples", "32", "--image-size", "32", "--patch-size", "16",
-                                   "--context-length", "16", "--device", "cpu", "--precision", "fp32", "--eval-every", "0",
-                                   "--probes", "0", "--out", os.path.join(tmp, "chain")])
+        saw["chain"] = chain.main([*CHAIN, "--out", os.path.join(tmp, "chain")])
         torch.save(saw, os.path.join(tmp, f"rank{rank}.pt"))
     finally:
         runtime.destroy_distributed()
@@ -168,7 +169,7 @@ def test_a_resumed_two_rank_run_ends_where_a_straight_one_does(ranks):
         assert all(torch.equal(saw["resumed"][k], v) for k, v in straight.items())
 
 
-def test_a_two_rank_chain_completes_with_one_report(ranks):
+def test_a_two_rank_chain_completes_with_one_report(ranks, capsys):
     tmp, (saw0, saw1) = ranks
     out = os.path.join(tmp, "chain")
     assert saw1["chain"] is None  # rank 0 alone writes the report
@@ -179,6 +180,11 @@ def test_a_two_rank_chain_completes_with_one_report(ranks):
         ckpt = torch.load(os.path.join(out, d, "checkpoint.pt"), weights_only=True)
         assert ckpt["step"] == 2 and ckpt["world_size"] == WORLD
     assert saw0["chain"]["stages"] == report["stages"]
+    # rerun by one process with the same flags: refused (it would halve the ledger), the report left as it is
+    with pytest.raises(SystemExit) as e:
+        chain.main([*CHAIN, "--out", out])
+    assert e.value.code == 2 and f"run by {WORLD} processes, not 1;" in capsys.readouterr().err
+    assert json.load(open(os.path.join(out, "report.json"))) == report
 
 
 def test_open_clip_loads_the_export_of_a_two_rank_run(ranks):
