@@ -157,7 +157,8 @@ def plan(args, settings, like=None):
     stages = []
     for i, (size, when) in enumerate(zip(sizes, schedule(args, settings, len(sizes)))):
         start = (f"grown from {sizes[i - 1]} ({args.grow_method}) + FD" if i else
-                 f"from {args.init_from}" if args.init_from else "from scratch")
+                 (f"from {args.init_from}" if args.init_from else "from scratch") +
+                 (f" + FD towards {args.teacher}" if args.teacher else ""))
         samples = when["steps"] * settings.batch_size * runtime.world_size()  # the global batch's
         stage = Stage(size, train.model_config(size, args, like), replace(settings, **when), samples,
                       os.path.join(args.out, f"{i + 1}-{size}"), f"stage {i + 1}/{len(sizes)}: {size}, {start}")
@@ -231,7 +232,7 @@ def main(argv=None):
         teacher = interop.load_model(args.teacher) if args.teacher else None
         stages = plan(args, settings, like=init[1] if init else teacher.cfg if teacher else None)
         rows, totals = ledger.ledger([st.cfg for st in stages], [st.samples for st in stages],
-                                     settings.captions_per_image)
+                                     settings.captions_per_image, teacher.cfg if teacher else None)
         if args.dry_run:
             summary, md = ledger.report(stages, rows, totals)
             print(md)

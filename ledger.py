@@ -24,15 +24,15 @@ def training_flops(samples, student, teacher=0):
     return samples * (3 * student + teacher)
 
 
-def ledger(cfgs, samples, captions=1):
-    """Training FLOPs of each stage (configs `cfgs`, `samples` pairs each, each stage's teacher its predecessor) and of
-    training each size alone with the first stage's samples; totals, the acceleration ratio and the saving against the
-    largest model alone."""
+def ledger(cfgs, samples, captions=1, teacher=None):
+    """Training FLOPs of each stage (configs `cfgs`, `samples` pairs each; each stage's teacher is its predecessor, the
+    first stage's is `teacher`: chain.py's --teacher config, or None) and of training each size alone, from scratch,
+    with the first stage's samples; totals, the acceleration ratio and the saving against the largest model alone."""
     fwd = [forward_flops(cfg, captions) for cfg in cfgs]
-    rows = [dict(params=vit.count_params(cfg), flops_per_sample=f, samples=n,
-                 train_flops=training_flops(n, f, fwd[i - 1] if i else 0),
+    teachers = [forward_flops(teacher, captions) if teacher is not None else 0, *fwd[:-1]]
+    rows = [dict(params=vit.count_params(cfg), flops_per_sample=f, samples=n, train_flops=training_flops(n, f, t),
                  independent_flops=training_flops(samples[0], f))
-            for i, (cfg, f, n) in enumerate(zip(cfgs, fwd, samples))]
+            for cfg, f, t, n in zip(cfgs, fwd, teachers, samples)]
     chain, independent = sum(r["train_flops"] for r in rows), sum(r["independent_flops"] for r in rows)
     return rows, dict(train_flops=chain, independent_flops=independent, speedup=independent / chain,
                       saving_vs_largest=1 - chain / rows[-1]["independent_flops"])

@@ -95,6 +95,25 @@ def test_dry_run_reproduces_the_papers_figures(capsys):
     assert totals["saving_vs_largest"] == pytest.approx(1 - chained / (128 * 3 * L), rel=1e-9)
 
 
+def test_a_teacher_of_the_first_stage_is_in_its_cost(tmp_path, capsys):
+    # --teacher: the first stage trains with FD, so it pays the teacher's forward too (3x student + 1x teacher)
+    teacher = vit.config("cpu-tiny", image_size=32, patch_size=16, context_length=16, vocab_size=259, tokenizer="byte")
+    path = str(tmp_path / "teacher.pt")
+    torch.save({"model": vit.CLIP(teacher).state_dict(), "config": teacher.to_dict()}, path)
+    argv = ["--sizes", "cpu-small,cpu-base", "--steps", "10,4", "--batch-size", "8", "--captions-per-image", "2",
+            "--teacher", path]
+    rep = chain.main([*argv, "--dry-run"])
+    (i0, t0), (i1, t1), (i2, t2) = (vit.image_text_flops(vit.config(s, image_size=32, patch_size=16, context_length=16,
+                                    vocab_size=259)) for s in ("cpu-tiny", "cpu-small", "cpu-base"))
+    chained = [80 * (3 * (i1 + 2 * t1) + (i0 + 2 * t0)), 32 * (3 * (i2 + 2 * t2) + (i1 + 2 * t1))]  # 8 x 10, 8 x 4
+    assert [row["train_flops"] for row in rep["stages"]] == chained
+    alone = 80 * 3 * (i1 + 2 * t1 + i2 + 2 * t2)  # both sizes from scratch with the first stage's 80 samples
+    assert rep["totals"]["speedup"] == pytest.approx(alone / sum(chained), rel=1e-12)
+    assert f"**{alone / sum(chained):.2f}x**" in capsys.readouterr().out
+    stages = chain.plan(chain.parse_args(argv), train.Settings(batch_size=8), like=teacher)
+    assert stages[0].label == f"stage 1/2: cpu-small, from scratch + FD towards {path}"
+
+
 def test_default_schedule_is_the_official_one(capsys):
     rep = chain.main(["--sizes", "tiny,small,base,large", "--dry-run", *CC3M])
     steps_per_epoch = 2905954 // 1024
