@@ -215,7 +215,9 @@ def parse_args(argv=None):
     p.add_argument("--baseline", action="store_true", help="also train every size alone with the first stage's "
                    "schedule, and compare")
     p.add_argument("--out", default="runs/chain", help="output folder of the run")
-    p.add_argument("--dry-run", action="store_true", help="print the planned cost ledger and exit")
+    p.add_argument("--dry-run", action="store_true", help="print the cost ledger this command would report, and "
+                   "exit; no data is read (a real source needs --num-samples), and the models are those of --data "
+                   "(synthetic: the byte tokenizer; the paper's CLIP-vocabulary models: add --tokenizer clip-bpe)")
     train.add_model_args(p)  # the data shape; --init-from, --teacher: the first stage's; --grow-method, --alpha: all
     train.add_settings_args(p, skip=PER_STAGE, defaults=DEFAULTS)  # train.py's flags, for every stage
     return p.parse_args(argv)
@@ -235,7 +237,9 @@ def main(argv=None):
                                      settings.captions_per_image, teacher.cfg if teacher else None)
         if args.dry_run:
             summary, md = ledger.report(stages, rows, totals)
-            print(md)
+            cfg = stages[0].cfg  # the data shape, the same at every stage
+            print(f"Models for {settings.data} data: {cfg.image_size} px in {cfg.patch_size} px patches, "
+                  f"{cfg.context_length} tokens, {cfg.tokenizer} tokenizer ({cfg.vocab_size} ids).\n\n{md}")
             return summary
         runtime.check_out_dir(args.out)
         check_inputs(stages[0])

@@ -18,8 +18,9 @@ import vit
 SIZES = "cpu-tiny,cpu-small,cpu-base"
 FAST = ["--image-size", "32", "--patch-size", "16", "--context-length", "16", "--batch-size", "8",
         "--num-samples", "32", "--device", "cpu", "--log-every", "1"]
-CC3M = ["--data", "cc3m.csv", "--num-samples", "2905954", "--batch-size", "1024", "--image-size", "224",
-        "--patch-size", "16", "--context-length", "77"]
+PAPER = ["--sizes", "tiny,small,base,large", "--num-samples", "2905954", "--batch-size", "1024", "--image-size",
+         "224", "--patch-size", "16", "--context-length", "77"]  # README's paper ledger, with --epochs and --dry-run
+CC3M = ["--data", "cc3m.csv", *PAPER[2:]]
 
 
 @pytest.fixture
@@ -80,10 +81,14 @@ def test_ledger_matches_a_hand_computation():
 
 
 def test_dry_run_reproduces_the_papers_figures(capsys):
-    # the official CC3M chain T -> S -> B -> L at 224 px, 7 captions per image (the paper's long-caption mode)
-    rep = chain.main(["--sizes", "tiny,small,base,large", "--epochs", "128,24,16,16", "--captions-per-image", "7",
-                      "--dry-run", *CC3M])
-    assert "5.52x" in capsys.readouterr().out
+    # the official CC3M chain T -> S -> B -> L at 224 px, 7 captions per image (the paper's long-caption mode), with
+    # the CLIP vocabulary: README's command (no data at hand, so --tokenizer clip-bpe; --data gives the same models)
+    rep = chain.main([*PAPER, "--epochs", "128,24,16,16", "--captions-per-image", "7", "--tokenizer", "clip-bpe",
+                      "--dry-run"])
+    out = capsys.readouterr().out
+    assert "5.52x" in out and "77 tokens, clip-bpe tokenizer (49408 ids)" in out
+    for i, (size, params) in enumerate(zip(("tiny", "small", "base", "large"), ("27.9", "62.4", "149.6", "427.3"))):
+        assert f"| {i + 1} | {size} | {params}M |" in out  # README's model family table
     totals = rep["totals"]
     assert totals["saving_vs_largest"] == pytest.approx(0.716, abs=0.002)  # the paper: "up to 72%"
     assert totals["speedup"] == pytest.approx(5.52, abs=0.01)  # the paper: 5.68x for 4 models
@@ -93,6 +98,14 @@ def test_dry_run_reproduces_the_papers_figures(capsys):
     chained = 128 * 3 * T + 24 * (3 * S + T) + 16 * (3 * B + S) + 16 * (3 * L + B)
     assert totals["speedup"] == pytest.approx(128 * 3 * (T + S + B + L) / chained, rel=1e-9)
     assert totals["saving_vs_largest"] == pytest.approx(1 - chained / (128 * 3 * L), rel=1e-9)
+
+
+def test_dry_run_says_which_models_it_plans(capsys):
+    # no data source: the synthetic set's byte vocabulary, said before the ledger (whose params column it changes)
+    rep = chain.main([*PAPER, "--sizes", "tiny", "--dry-run"])
+    assert capsys.readouterr().out.startswith("Models for synthetic data: 224 px in 16 px patches, 77 tokens, byte "
+                                               "tokenizer (259 ids).")
+    assert rep["stages"][0]["params"] == vit.count_params(vit.config("tiny", vocab_size=259))
 
 
 def test_a_teacher_of_the_first_stage_is_in_its_cost(tmp_path, capsys):
