@@ -43,6 +43,9 @@ from distill import ALPHA, FeatureDistill
 from tokenizer import VOCAB_SIZES
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
 def flag(default, help):
     return field(default=default, metadata={"help": help})
 
@@ -310,8 +313,9 @@ def evaluate_and_log(model, eval_sets, device, precision, log, step, epoch, chec
             if final and "probes" in eval_sets:
                 metrics.update(evaluate.attribute_probes(model, eval_sets["probes"], device, precision))
             return metrics
-        except Exception as e:  # a bad evaluation set or a bug: one line, where it was raised, sent to every rank
-            where = traceback.extract_tb(e.__traceback__)[-1]
+        except Exception as e:  # a bad evaluation set or a bug: one line, sent to every rank
+            frames = traceback.extract_tb(e.__traceback__)  # named by the innermost line of this code's files
+            where = next((f for f in reversed(frames) if os.path.dirname(f.filename) == HERE), frames[-1])
             return f"{os.path.basename(where.filename)}:{where.lineno}: {type(e).__name__}: {e}"
     metrics = runtime.from_rank0(measure() if log.enabled else None)
     if isinstance(metrics, str):
