@@ -606,6 +606,14 @@ class EvalShards(IterableDataset):
     def __init__(self, items):
         self.items = items
 
+    def __len__(self):
+        return len(self.items)  # the shards' counts: img2dataset's _stats.json, else a scan
+
+    def lanes(self, workers):
+        """Samples per DataLoader worker (one lane without workers): each batches its own shards."""
+        counts = self.items.source.counts
+        return [sum(counts[w::workers]) for w in range(workers)] if workers else [sum(counts)]
+
     def __iter__(self):
         info = get_worker_info()
         shards = self.items.source
@@ -630,6 +638,11 @@ class EvalBatches:
 
     def __init__(self, dataset, batch_size, workers):
         self.dataset, self.batch_size, self.workers, self.skipped = dataset, batch_size, workers, Counter()
+
+    def __len__(self):
+        """Batches in one pass (a progress bar's total): fewer if every sample of a batch is bad."""
+        lanes = self.dataset.lanes(self.workers) if isinstance(self.dataset, EvalShards) else [len(self.dataset)]
+        return sum(math.ceil(n / self.batch_size) for n in lanes)
 
     def __iter__(self):
         loader = DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.workers,

@@ -155,10 +155,9 @@ def retrieval_recall(image_features, text_features, text_image, ks=(1, 5, 10)):
 
 
 def progress(batches, desc):
-    """A progress bar over `batches` that shows on a terminal once they take more than 3 seconds."""
-    total = len(batches) if hasattr(batches, "__len__") else \
-        math.ceil(len(batches.dataset) / batches.batch_size) if isinstance(batches, data.EvalBatches) else None
-    return tqdm(batches, desc=desc, total=total, delay=3, leave=False, disable=None, unit="batch")
+    """A progress bar over `batches` that shows on a terminal once they take more than 3 seconds (its total:
+    len(batches), when they have one)."""
+    return tqdm(batches, desc=desc, delay=3, leave=False, disable=None, unit="batch")
 
 
 @torch.no_grad()

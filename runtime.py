@@ -244,8 +244,13 @@ class Log:
 # -----------------------------------------------------------------------------
 # command lines: a failure the user can act on is one line on stderr, never a traceback
 
-STOPPED = (FloatingPointError, DiskFull)  # a run that stopped on its own: exit status 1; bad input: 2
-USER_ERRORS = (ValueError, OSError, FloatingPointError)
+
+class EvaluationFailed(RuntimeError):
+    """Any failure inside a run's evaluation, as one line; the run's checkpoint is kept."""
+
+
+STOPPED = (FloatingPointError, DiskFull, EvaluationFailed)  # a run that stopped on its own: exit status 1; bad input: 2
+USER_ERRORS = (ValueError, OSError, FloatingPointError, EvaluationFailed)
 
 
 class ArgumentParser(argparse.ArgumentParser):

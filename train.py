@@ -20,6 +20,7 @@ import json
 import math
 import os
 import time
+import traceback
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 
@@ -40,6 +41,9 @@ import vit
 from clip_loss import clip_loss
 from distill import ALPHA, FeatureDistill
 from tokenizer import VOCAB_SIZES
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def flag(default, help):
@@ -196,7 +200,8 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
         objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
     if rank == 0:
         print(f"data: {settings.data}: {train_data.num_samples} samples, {steps_per_epoch} steps of "
-              f"{settings.batch_size * world_size} per epoch; training {total_steps} steps", flush=True)
+              f"{settings.batch_size * world_size} per epoch; training {total_steps} steps"
+              + (f", resumed at step {step}" if step else ""), flush=True)
         os.makedirs(out_dir, exist_ok=True)
         runtime.save_json({"settings": asdict(settings), "model": model.cfg.to_dict(), "git": runtime.git_hash(),
                            "torch": torch.__version__, "device": str(device), "precision": precision,
@@ -230,13 +235,14 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
                 break
         if step < total_steps and settings.eval_every and (epoch + 1) % settings.eval_every == 0:
             t_eval = time.time()
-            evaluate_and_log(model, eval_sets, device, precision, log, step, step / steps_per_epoch)
+            evaluate_and_log(model, eval_sets, device, precision, log, step, step / steps_per_epoch, ckpt_path)
             t_log += time.time() - t_eval  # samples/s counts training only
     log.bar.close()
     if rank == 0:  # the model as an open_clip local-dir, beside the checkpoint
         interop.export_open_clip(model, model.cfg, os.path.join(out_dir, "open_clip"))
     # after the writes: once train() returns, every rank can read them
-    metrics = evaluate_and_log(model, eval_sets, device, precision, log, step, step / steps_per_epoch, final=True)
+    metrics = evaluate_and_log(model, eval_sets, device, precision, log, step, step / steps_per_epoch, ckpt_path,
+                               final=True)
     skipped = sum(runtime.all_ranks(train_data.skipped), Counter())  # bad samples met, by kind, on all ranks
     return {"step": step, "num_samples": train_data.num_samples, "samples_seen": step * settings.batch_size * world_size,
             "wall_time_s": wall_time + time.time() - t_start, **losses, **metrics, "skipped": dict(skipped)}
@@ -296,15 +302,28 @@ def resume(path, model, optimizer, distill, settings, device, scaler, world_size
     return interop.restore_checkpoint(ckpt, model, optimizer, distill, scaler, device)
 
 
-def evaluate_and_log(model, eval_sets, device, precision, log, step, epoch, final=False):
+def evaluate_and_log(model, eval_sets, device, precision, log, step, epoch, checkpoint, final=False):
     """Rank 0 evaluates; the others wait for its metrics, which every rank returns. The final evaluation adds the
-    attribute probes of the synthetic set (probe_<attribute>: what the image tower knows)."""
+    attribute probes of the synthetic set (probe_<attribute>: what the image tower knows). Any failure stops every
+    rank with one line (runtime.EvaluationFailed) that names `checkpoint`, the run's checkpoint path, from which the
+    same command resumes: a finished run is then evaluated again without training."""
     def measure():
-        metrics = evaluate.evaluate(model, eval_sets, device, precision)
-        if final and "probes" in eval_sets:
-            metrics.update(evaluate.attribute_probes(model, eval_sets["probes"], device, precision))
-        return metrics
+        try:
+            metrics = evaluate.evaluate(model, eval_sets, device, precision)
+            if final and "probes" in eval_sets:
+                metrics.update(evaluate.attribute_probes(model, eval_sets["probes"], device, precision))
+            return metrics
+        except Exception as e:  # a bad evaluation set or a bug: one line, sent to every rank
+            frames = traceback.extract_tb(e.__traceback__)  # named by the innermost line of this code's files
+            where = next((f for f in reversed(frames) if os.path.dirname(f.filename) == HERE), frames[-1])
+            return f"{os.path.basename(where.filename)}:{where.lineno}: {type(e).__name__}: {e}"
     metrics = runtime.from_rank0(measure() if log.enabled else None)
+    if isinstance(metrics, str):
+        kept = (f"the trained model is kept in {checkpoint}: fix the cause and rerun the same command, which evaluates "
+                f"it without training again") if final else (
+                f"the last checkpoint is {checkpoint if os.path.exists(checkpoint) else 'none yet'}: fix the cause "
+                f"(or evaluate at the end only: --eval-every 0) and rerun the same command to resume")
+        raise runtime.EvaluationFailed(f"the evaluation at step {step} failed ({metrics}); {kept}")
     log({"step": step, "epoch": epoch, **metrics}, f"step {step} eval: " + (
         " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) or "no eval sets (see --zeroshot-data, --val-data)"))
     return metrics
