@@ -3,7 +3,8 @@ environment variables. Pinned: 2 ranks at batch b give the loss and the gradient
 same samples (CLIP loss over the global batch, FD per sample); a 2-rank train() trains like 1 process at twice the
 batch, writes one checkpoint without wrapper prefixes and one set of records, keeps the ranks identical, returns
 rank 0's metrics everywhere, exports an open_clip local-dir (that open_clip loads, when installed), and resumes
-exactly on every rank; a 2-stage chain under the same group completes with one report."""
+exactly on every rank; a 2-stage chain under the same group completes with one report, and is refused by every rank
+on a folder that another run holds."""
 import json
 import os
 import socket
@@ -100,10 +101,17 @@ def worker(rank, port, tmp):
         train.train(model, settings(), os.path.join(tmp, "resumed"))
         saw["resumed"] = model.state_dict()
         # a 2-stage chain (grow + FD) under the same process group, as `torchrun chain.py` runs it
-        saw["chain"] = chain.main(["--sizes", "cpu-tiny,cpu-small", "--steps", "2,2", "--batch-size", str(B),
-                                   "--num-samples", "32", "--image-size", "32", "--patch-size", "16",
-                                   "--context-length", "16", "--device", "cpu", "--precision", "fp32", "--eval-every", "0",
-                                   "--probes", "0", "--out", os.path.join(tmp, "chain")])
+        argv = ["--sizes", "cpu-tiny,cpu-small", "--steps", "2,2", "--batch-size", str(B), "--num-samples", "32",
+                "--image-size", "32", "--patch-size", "16", "--context-length", "16", "--device", "cpu",
+                "--precision", "fp32", "--eval-every", "0", "--probes", "0"]
+        saw["chain"] = chain.main([*argv, "--out", os.path.join(tmp, "chain")])
+        # a folder in use (rank 0 holds its lock): the chain is refused on every rank, none left waiting
+        runtime.hold_out_dir(os.path.join(tmp, "busy"))
+        try:
+            chain.main([*argv, "--out", os.path.join(tmp, "busy")])
+        except SystemExit as e:
+            saw["busy"] = e.code
+        runtime._release()
         torch.save(saw, os.path.join(tmp, f"rank{rank}.pt"))
     finally:
         runtime.destroy_distributed()
@@ -179,6 +187,7 @@ def test_a_two_rank_chain_completes_with_one_report(ranks):
         ckpt = torch.load(os.path.join(out, d, "checkpoint.pt"), weights_only=True)
         assert ckpt["step"] == 2 and ckpt["world_size"] == WORLD
     assert saw0["chain"]["stages"] == report["stages"]
+    assert saw0["busy"] == saw1["busy"] == 2  # a second run on a folder in use: refused by both ranks
 
 
 def test_open_clip_loads_the_export_of_a_two_rank_run(ranks):
