@@ -278,7 +278,12 @@ def stderr_of(main, argv):
 def resumed_steps(monkeypatch):
     """The steps that the next runs resume from (interop.restore_checkpoint's), as a list filled as they do."""
     steps, restore = [], interop.restore_checkpoint
-    monkeypatch.setattr(interop, "restore_checkpoint", lambda *a: steps.append(restore(*a)[0]) or restore(*a))
+
+    def restore_and_note(*args):
+        restored = restore(*args)
+        steps.append(restored[0])
+        return restored
+    monkeypatch.setattr(interop, "restore_checkpoint", restore_and_note)
     return steps
 
 
@@ -290,16 +295,18 @@ TRAIN_RUN = ["--steps", "10", "--save-every", "1", "--warmup", "2", *FAST]
 
 @pytest.fixture(scope="module")
 def sigterm_run(tmp_path_factory):
-    """`python train.py` in a subprocess, SIGTERM while it writes its second checkpoint, then the same command
-    in-process, which finishes the run; a second run tried on its --out while it ran."""
+    """`python train.py` in a subprocess; a second run tried on its --out once it has a checkpoint; SIGTERM while it
+    writes the next one; then the same command in-process, which finishes the run."""
     out = tmp_path_factory.mktemp("sigterm") / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", SLOW_SAVES, "--out", str(out), *TRAIN_RUN], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    ckpt = out / "checkpoint.pt"
-    while proc.poll() is None and not (ckpt.exists() and (out / "checkpoint.pt.tmp").exists()):
+    ckpt, tmp = out / "checkpoint.pt", out / "checkpoint.pt.tmp"
+    while proc.poll() is None and not ckpt.exists():
         time.sleep(0.005)
     second = stderr_of(train.main, ["--out", str(out), *TRAIN_RUN])  # while the first runs
+    while proc.poll() is None and not tmp.exists():  # the next checkpoint is being written
+        time.sleep(0.005)
     proc.send_signal(signal.SIGTERM)
     stopped = proc.wait(timeout=60), proc.stderr.read(), sorted(os.listdir(out))
     saved = torch.load(ckpt, weights_only=True)["step"]  # whole: the checkpoint being written was dropped
@@ -455,9 +462,10 @@ def test_a_hostile_caption_costs_what_a_normal_one_does(tmp_path, monkeypatch):
     monkeypatch.setattr(tok, "bpe", lambda token: merged.append(len(token)) or bpe(token))
     hostile = "x" * 80_000 + " hello" * 10_000
     tokens = tok([hostile, "hello hello"], 16)
-    assert max(merged) <= tokenizer.MAX_WORD + len("</w>") and sum(merged) <= 2 * tokenizer.MAX_WORD  # no work past
-    assert tokens[0].tolist() == [tok.sot, *tok.encode("x" * tokenizer.MAX_WORD)[:14], tok.eot]  # the context
-    assert tokens[1].tolist()[:4] == [tok.sot, 515, 515, tok.eot]  # a normal caption, as before
+    assert max(merged) == tokenizer.MAX_WORD and sum(merged) <= 2 * tokenizer.MAX_WORD  # no work past the context
+    assert tokens[0].tolist() == [tok.sot, *tok.encode("x" * tokenizer.MAX_WORD)[:14], tok.eot]
+    hello = tok.encoder["hello</w>"]
+    assert tokens[1].tolist()[:4] == [tok.sot, hello, hello, tok.eot]  # a normal caption, as before
     monkeypatch.setattr(tokenizer, "CACHE_WORDS", 5)  # the cache of merged words stays bounded
     tok([" ".join(f"word{i}" for i in range(20))], 77)
     assert len(tok.cache) <= 5
