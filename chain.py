@@ -37,7 +37,7 @@ import vit
 RESULT = "result.json"  # a finished stage's metrics, beside train.py's files
 DEFAULTS = dict(batch_size=recipe.CHAIN_BATCH)  # the chain's own defaults for train.py's flags
 PER_STAGE = ("epochs", "steps", "warmup", "lr", "resume")  # train.Settings fields the chain sets per stage
-RUNTIME = ("device", "workers", "eval_every", "save_every", "log_every", "grad_checkpointing", "compile")  # free on resume
+RUNTIME = train.FREE_ON_RESUME + ("workers",)  # free on resume (train.resume refuses the workers of tar shards)
 
 
 @dataclass
@@ -82,7 +82,8 @@ def train_stage(stage, model, teacher=None, distill=None):
     one resumes from its checkpoint. Under torchrun every rank trains; rank 0 writes result.json."""
     path = os.path.join(stage.dir, RESULT)
     if os.path.exists(path):
-        model.load_state_dict(interop.load_checkpoint(os.path.join(stage.dir, interop.RUN_CHECKPOINT))["model"])
+        ckpt = interop.load_checkpoint(os.path.join(stage.dir, interop.RUN_CHECKPOINT), model.cfg)  # of this model?
+        model.load_state_dict(ckpt["model"])
         return runtime.load_json(path, "stage result")
     if runtime.is_rank0():
         print(f"== {stage.label}", flush=True)
@@ -223,6 +224,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+@runtime.stops_cleanly(runtime.RERUN_TO_RESUME)  # Ctrl-C, SIGTERM: one line, exit 130 / 143
 def main(argv=None):
     args = parse_args(argv)
     settings = train.Settings(**{f.name: getattr(args, f.name) for f in fields(train.Settings)
@@ -244,6 +246,7 @@ def main(argv=None):
         runtime.check_out_dir(args.out)
         check_inputs(stages[0])
         model = train.first_model(stages[0].cfg, settings.seed, init, args.grow_method, args.init_from)
+        runtime.hold_out_dir(args.out)  # one run at a time in --out, until main returns (the report included)
         check_manifest(args.out, dict(
             sizes=[st.size for st in stages], world_size=runtime.world_size(),  # with batch_size: the global batch
             grow_method=args.grow_method, alpha=args.alpha, init_from=args.init_from, teacher=args.teacher,

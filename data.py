@@ -120,6 +120,8 @@ def decode_image(raw, draft=None):
             if draft:
                 image.draft("RGB", (draft, draft))
             image = ImageOps.exif_transpose(image)  # a loaded copy
+            if image.mode.startswith("I"):  # 16-bit grey (PNG): its top 8 bits (convert() would clip it to white)
+                image = Image.fromarray(np.clip(np.asarray(image, dtype=np.int64) >> 8, 0, 255).astype(np.uint8))
             return (image.convert("RGBA") if image.mode == "P" else image).convert("RGB")
     except UnidentifiedImageError as e:
         raise BadSample("not_an_image", str(e))
@@ -188,7 +190,7 @@ class Files:
 def read_csv(path, data_root=None, img_key="filepath", caption_key="title", sep=None, draft=None):
     """open_clip's CSV/TSV: the delimiter is sniffed; caption_key may list several columns ("a,b"); image
     paths are relative to data_root (default: the CSV's folder) unless absolute."""
-    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:  # stray bytes: bad_caption
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:  # -sig: a BOM is skipped
         header = f.readline()
         try:
             delimiter = "\t" if "\t" in header else csv.Sniffer().sniff(header, ",;|").delimiter
@@ -250,12 +252,17 @@ def expand_shards(source):
 
 def tar_samples(path, start=0, read=True):
     """The samples of a shard from the start-th on, as dicts ext -> bytes (images and txt only; earlier ones
-    are passed over unread). Members sharing a key (folder + name up to the first dot) are one sample. Stops
-    quietly where the shard is unreadable."""
+    are passed over unread). Members sharing a key (folder + name up to the first dot) are one sample. A shard
+    unreadable from some point on, or cut short, ends there with "unreadable_shard" (one bad sample) in place of
+    the sample it was in, whether its members are read or only counted; a file that is no tar at all yields none."""
+    key, n, cut = None, -1, False
     try:
+        size = os.path.getsize(path)
         with tarfile.open(path, "r:") as tar:
-            key, sample, n = None, {}, -1
+            cut, sample = True, {}  # until it is read to its end
             for member in tar:
+                if member.offset_data + member.size > size:  # its data go past the end of the file
+                    break
                 if not member.isfile():
                     continue
                 folder, name = os.path.split(member.name)
@@ -267,10 +274,16 @@ def tar_samples(path, start=0, read=True):
                 ext = ext.lower()
                 if read and n >= start and (ext in IMAGE_EXTS or ext == "txt"):
                     sample[ext] = tar.extractfile(member).read()
-            if key is not None and n >= start:
-                yield sample
+            else:  # read to its end: whole if the end-of-archive marker (two zero blocks, POSIX tar) follows
+                tar.fileobj.seek(tar.offset)
+                cut = tar.fileobj.read(2 * tarfile.BLOCKSIZE) != bytes(2 * tarfile.BLOCKSIZE)
+                if key is not None and n >= start:
+                    yield sample
+                n += 1
     except (OSError, EOFError, tarfile.TarError):
-        return
+        pass
+    if cut and max(n, 0) >= start:
+        yield "unreadable_shard"
 
 
 def parse_sample(sample, sep=None, draft=None):

@@ -469,6 +469,7 @@ def markdown(metrics):
     return "\n".join(["| metric | value |", "| --- | ---: |"] + rows)
 
 
+@runtime.stops_cleanly("nothing was written; rerun the same command")  # Ctrl-C: one line, exit 130
 def main(argv=None):
     args = parse_args(argv)
     try:

@@ -32,7 +32,6 @@ tokenizer "clip-bpe" works end to end there; a model trained with the byte token
 image tower is usable, but its text tower needs this repo's tokenizer.py ("tokenizer" in "clip_config" says which).
 """
 
-import json
 import os
 import pickle
 import re
@@ -121,16 +120,21 @@ def infer_config(state_dict, source="state dict"):
     return cfg
 
 
-def check_matches(state_dict, cfg, source="state dict"):
-    """Raise ValueError unless the state dict has exactly vit.CLIP(cfg)'s keys and shapes."""
+def mismatch(state_dict, cfg):
+    """What keeps the state dict from having exactly vit.CLIP(cfg)'s keys and shapes ("" when nothing does)."""
     with torch.device("meta"):
         expected = {k: v.shape for k, v in vit.CLIP(cfg).state_dict().items()}
     missing, unexpected = sorted(set(expected) - set(state_dict)), sorted(set(state_dict) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state_dict) if state_dict[k].shape != expected[k])
-    if missing or unexpected or wrong:
-        parts = [f"{what} {keys[:3]}{' ...' if len(keys) > 3 else ''}" for what, keys in
-                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
-        raise ValueError(f"{source} does not match its config ({'; '.join(parts)})")
+    return "; ".join(f"{what} {keys[:3]}{' ...' if len(keys) > 3 else ''}" for what, keys in
+                     (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys)
+
+
+def check_matches(state_dict, cfg, source="state dict"):
+    """Raise ValueError unless the state dict has exactly vit.CLIP(cfg)'s keys and shapes."""
+    problem = mismatch(state_dict, cfg)
+    if problem:
+        raise ValueError(f"{source} does not match its config ({problem})")
 
 
 def _torch_load(path):
@@ -167,7 +171,7 @@ def load_state_dict_any(path):
                                 "open_clip local-dir folder")
     if os.path.isfile(os.path.join(path, RUN_CHECKPOINT)):  # a run or chain-stage folder
         path = os.path.join(path, RUN_CHECKPOINT)
-    stored_cfg = None
+    stored_cfg, config_source = None, path  # config_source: the file it is read from
     if os.path.isdir(path):
         config_path, weights_path = os.path.join(path, CONFIG_FILE), os.path.join(path, WEIGHTS_FILE)
         if not (os.path.isfile(config_path) and os.path.isfile(weights_path)):
@@ -176,8 +180,11 @@ def load_state_dict_any(path):
                                     f"{RUN_CHECKPOINT}, an open_clip local-dir needs {CONFIG_FILE} and {WEIGHTS_FILE}"
                                     + (f"; give one of its model folders ({', '.join(stages[:4])}"
                                        f"{', ...' if len(stages) > 4 else ''})" if stages else ""))
-        with open(config_path) as f:
-            stored_cfg = json.load(f).get("clip_config")
+        stored = runtime.load_json(config_path, "open_clip config")
+        if not isinstance(stored, dict):
+            raise ValueError(f"{config_path}: holds a JSON {type(stored).__name__}, not an open_clip config (an object "
+                             "with model_cfg and clip_config); export the model again")
+        stored_cfg, config_source = stored.get("clip_config"), config_path
         obj = _torch_load(weights_path)
     else:
         obj = _torch_load(path)
@@ -197,9 +204,19 @@ def load_state_dict_any(path):
         try:
             cfg = vit.CLIPConfig.from_dict(stored_cfg)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: its stored config is not a CLIPConfig ({e})") from None
+            raise ValueError(f"{config_source}: its stored config is not a CLIPConfig ({e})") from None
     check_matches(state_dict, cfg, path)
+    check_finite(state_dict, path)
     return state_dict, cfg
+
+
+def check_finite(state_dict, source):
+    """Refuse weights holding NaN or inf (a diverged run's) when they are loaded, before any work is done with them."""
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{source}: {len(bad)} of its {len(state_dict)} tensors hold NaN or inf ({', '.join(bad[:2])}"
+                         f"{', ...' if len(bad) > 2 else ''}): the run that wrote it diverged; give an earlier "
+                         "checkpoint")
 
 
 def load_model(path, device="cpu"):
@@ -247,8 +264,9 @@ def save_checkpoint(path, step, model, optimizer, distill, scaler, settings, wor
                 "cuda": torch.cuda.get_rng_state_all() if next(model.parameters()).is_cuda else []}}, path)
 
 
-def load_checkpoint(path):
-    """train.py's checkpoint.pt as the dict it saved, for resuming; anything else is a one-line ValueError."""
+def load_checkpoint(path, cfg=None):
+    """train.py's checkpoint.pt as the dict it saved, for resuming; anything else, or (given `cfg`) a model that is not
+    one of config `cfg`, is a one-line ValueError."""
     try:
         ckpt = _torch_load(path)
     except ValueError as e:
@@ -257,6 +275,15 @@ def load_checkpoint(path):
     if missing:
         raise ValueError(f"{path}: not a training checkpoint of train.py (no {', '.join(missing[:3])}); to start "
                          "from its weights, pass it as --init-from")
+    if cfg is not None:  # this run's model, or another run's (another size, or tensors of other shapes)?
+        theirs = ckpt["config"] if isinstance(ckpt["config"], dict) else {}
+        differ = [k for k, v in cfg.to_dict().items() if theirs.get(k) != v]
+        shapes = "" if differ else mismatch(ckpt["model"], cfg)
+        if differ or shapes:
+            problem = (f"of another config ({differ[0]} {theirs.get(differ[0])} there, {getattr(cfg, differ[0])} here)"
+                       if differ else f"whose weights do not match its config ({shapes})")
+            raise ValueError(f"checkpoint {path} holds a model {problem}: it is another run's; use another --out, or "
+                             f"move {os.path.dirname(path) or '.'} away to start over")
     return ckpt
 
 

@@ -1,19 +1,25 @@
 """
 The runtime under training: device choice, the precision policy, the torchrun process group and the share of each
-rank in an epoch's batches, atomic file writes, a run's log, the code version and one-line errors. Nothing here is
-about CLIP or the chain; train.py, chain.py, data.py and synthetic.py share it.
+rank in an epoch's batches, atomic file writes, a run's log, the code version, one-line errors, one run per output
+folder and a clean stop on Ctrl-C or SIGTERM. Nothing here is about CLIP or the chain; train.py, chain.py, data.py
+and synthetic.py share it.
 """
 
 import argparse
 import contextlib
 import datetime
 import errno
+import fcntl
+import functools
 import json
 import math
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import threading
 
 import torch
 import torch.distributed as dist
@@ -192,6 +198,18 @@ def load_json(path, what="run file"):
                          "rerun the same command") from None
 
 
+def save_config(path, step, config):
+    """A run's config.json (a dict with "settings"): the run as it started. A resume (step > 0) adds what differs from
+    then on (the device, the code version, a setting free on resume) under "resumed", so that no value is claimed for
+    a part of the run it did not hold for."""
+    first = load_json(path, "run config") if step and os.path.exists(path) else None
+    if isinstance(first, dict) and isinstance(first.get("settings"), dict):
+        changed = {k: v for k, v in config.items() if k != "settings" and first.get(k) != v}
+        settings = {k: v for k, v in config["settings"].items() if first["settings"].get(k) != v}
+        config = {**first, "resumed": first.get("resumed", []) + [{"step": step, **changed, "settings": settings}]}
+    save_json(config, path)
+
+
 def git_hash():
     """The commit of this code, with "-dirty" when the work tree has changes; "unknown" outside git."""
     here = os.path.dirname(os.path.abspath(__file__))
@@ -229,8 +247,11 @@ class Log:
     def __call__(self, record, line, always=True):
         """Append a record; print its line (steps: only when no bar shows)."""
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:  # a full disk: write() knows no file name, so name it here
+                raise OSError(e.errno, e.strerror, self.path) from None
             if always or not self.tty:
                 tqdm.write(line)
 
@@ -284,3 +305,101 @@ def exit_with(error):
         text = f"{where}: {error.strerror.lower()}; {fix}"
     print(f"error: {' '.join(text.split())}", file=sys.stderr)
     sys.exit(1 if isinstance(error, STOPPED) or getattr(error, "errno", None) == errno.ENOSPC else 2)
+
+
+# -----------------------------------------------------------------------------
+# a command's run: one run per output folder; Ctrl-C and SIGTERM stop it with one line
+
+LOCK_FILE = "run.lock"  # in the output folder while a run holds it; its text names the holder
+RERUN_TO_RESUME = "the files in --out are whole; rerun the same command to resume from its last checkpoint"
+_held = []  # (descriptor, lock file, folder made for it or None) of each folder this command holds
+
+
+def hold_out_dir(folder):
+    """Hold `folder` (made if need be) for this run until its command ends (see stops_cleanly): a second run on it
+    is refused in one line naming the first one's PID. The lock is advisory (flock on folder/run.lock): the OS drops
+    it when the process dies, kill -9 included, so a crash never leaves a stale lock. Under torchrun rank 0 takes
+    it and the other ranks share its outcome (so they never wait at a collective rank 0 has left)."""
+    error = None
+    if is_rank0():
+        try:
+            error = _lock(folder)
+        except OSError as e:
+            error = f"--out {folder}: {(e.strerror or str(e)).lower()}; pass another --out"
+    error = from_rank0(error)
+    if error:
+        raise ValueError(error)
+
+
+def _lock(folder):
+    """Take folder's lock; the one-line refusal when another process holds it, else None."""
+    made = not os.path.isdir(folder)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, LOCK_FILE)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 256).decode(errors="replace").strip() or "a process that is starting"
+            os.close(fd)
+            return (f"--out {folder} is in use by another run ({holder}); wait for it to end or stop it, or pass "
+                    "another --out")
+        with contextlib.suppress(FileNotFoundError):  # still the folder's lock file, not one its last holder removed
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"PID {os.getpid()} on {socket.gethostname()}\n".encode())
+    _held.append((fd, path, folder if made else None))
+    return None
+
+
+def _release(keep=0):
+    """Release the folders held, but the first `keep` (those of an enclosing command)."""
+    while len(_held) > keep:
+        fd, path, made = _held.pop()
+        with contextlib.suppress(OSError):
+            os.remove(path)  # while still locked: a run that opened it meanwhile sees it gone and opens a new one
+        os.close(fd)
+        if made:
+            with contextlib.suppress(OSError):  # a folder made for a run that stopped before writing: left empty
+                os.rmdir(made)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM, raised where the main thread was (whatever handles Ctrl-C handles SIGTERM alike)."""
+
+
+def stops_cleanly(how_to_resume):
+    """Decorate a command's main(): SIGINT (Ctrl-C) and SIGTERM (what timeout, Slurm and Kubernetes send) raise
+    Interrupted where the run is, so a file being written is dropped with its temp file (atomic_write); then rank 0
+    prints one line, `interrupted by SIGTERM: <how_to_resume>`, and the exit status is 128 + the signal (130, 143),
+    as shells expect. After a signal any failure is the interrupt (under torchrun, a rank's collective fails when
+    its peers stop first). The folders held with hold_out_dir are released on the way out."""
+    def decorate(main):
+        @functools.wraps(main)
+        def run(*args, **kwargs):
+            received, held = [], len(_held)
+
+            def stop(signum, frame):
+                if not received:  # a second signal while stopping is ignored: the cleanup is short (kill -9 works)
+                    received.append(signum)
+                    raise Interrupted(signum)
+            signals = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+            previous = {s: signal.signal(s, stop) for s in signals}
+            try:
+                return main(*args, **kwargs)
+            except BaseException as e:
+                if not received and not isinstance(e, KeyboardInterrupt):
+                    raise
+                signum = received[0] if received else signal.SIGINT
+                if is_rank0():
+                    print(f"interrupted by {signal.Signals(signum).name}: {how_to_resume}", file=sys.stderr)
+                sys.exit(128 + signum)
+            finally:
+                _release(held)
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+        return run
+    return decorate

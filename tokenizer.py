@@ -14,7 +14,9 @@ CLIP BPE (Radford et al. 2021; open_clip's SimpleTokenizer): merges from bpe_sim
 49406, EOT 49407. Deviations, to need no package beyond the standard library: ftfy.fix_text is replaced by
 html.unescape twice + NFC normalisation, and the `regex` package's \p{L} / \p{N} classes by `re` classes
 built from unicodedata. The ids are identical to open_clip's on ASCII (tested against open_clip when it
-is importable); they can differ on mojibake, curly quotes and full-width characters that ftfy repairs.
+is importable); they can differ on mojibake, curly quotes and full-width characters that ftfy repairs. A hostile
+caption costs no more than a normal one: encoding stops once the context is full, and a word is cut at MAX_WORD
+characters (open_clip would merge an 80,000-letter word for a minute, in time quadratic in its length).
 """
 
 import gzip
@@ -75,6 +77,9 @@ def tokenize(texts, context_length):
 # CLIP BPE
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+MAX_WORD = 200  # characters of a word that reach the merges: BERT's WordPiece bound (max_input_chars_per_word), as in
+# Chinese-CLIP's tokenizer (OFA-Sys/Chinese-CLIP, cn_clip/clip/bert_tokenizer.py); open_clip and HF's CLIP have none
+CACHE_WORDS = 10_000  # words whose merges are kept: HF tokenizers' BPE cache capacity (DEFAULT_CACHE_CAPACITY)
 
 
 def bytes_to_unicode():
@@ -121,7 +126,7 @@ class BPETokenizer:
         """Merge the pair of lowest rank until none is left: 'hello' -> ('hello</w>',)."""
         if token in self.cache:
             return self.cache[token]
-        word = list(token[:-1]) + [token[-1] + "</w>"]
+        word = list(token[:-1]) + [token[-1] + "</w>"]  # at most MAX_WORD characters (UTF-8 bytes: 4x): bounded work
         while len(word) > 1:
             pairs = {(a, b) for a, b in zip(word, word[1:])}
             best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))
@@ -136,17 +141,21 @@ class BPETokenizer:
                     merged.append(word[i])
                     i += 1
             word = merged
-        self.cache[token] = tuple(word)
-        return self.cache[token]
+        if len(self.cache) < CACHE_WORDS:  # bounded: a web-scale stream of unique words would grow it forever
+            self.cache[token] = tuple(word)
+        return tuple(word)
 
     def clean(self, text):
         text = unicodedata.normalize("NFC", html.unescape(html.unescape(text)))
         return " ".join(text.split()).lower()
 
-    def encode(self, text):
+    def encode(self, text, limit=None):
+        """The ids of `text`; with a limit, the first `limit` ids or more (no work past them)."""
         ids = []
-        for token in self.pattern.findall(self.clean(text)):
-            token = "".join(self.byte_encoder[b] for b in token.encode("utf-8"))
+        for match in self.pattern.finditer(self.clean(text)):
+            if limit is not None and len(ids) >= limit:
+                break
+            token = "".join(self.byte_encoder[b] for b in match.group()[:MAX_WORD].encode("utf-8"))
             ids += [self.encoder[t] for t in self.bpe(token)]
         return ids
 
@@ -155,8 +164,8 @@ class BPETokenizer:
         text = bytearray(self.byte_decoder[c] for c in text).decode("utf-8", errors="replace")
         return text.replace("</w>", " ").strip()
 
-    def __call__(self, texts, context_length):
-        return _pack([self.encode(t) for t in _as_list(texts)], self.sot, self.eot, context_length)
+    def __call__(self, texts, context_length):  # _pack keeps the first context_length - 2 ids
+        return _pack([self.encode(t, context_length - 2) for t in _as_list(texts)], self.sot, self.eot, context_length)
 
 
 def find_bpe():

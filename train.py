@@ -73,7 +73,8 @@ class Settings:
     workers: int = flag(0, "data loading processes (0: load in the training process)")
     # optimisation
     epochs: int = flag(8, "passes over the training data")
-    steps: int = flag(0, "total optimizer steps; overrides --epochs (0: epochs x steps per epoch)")
+    steps: int = flag(0, "total optimizer steps; overrides --epochs (0: epochs x steps per epoch); a run is not "
+                      "extended on resume: the schedule spans it (train on with --init-from OUT --out NEW)")
     batch_size: int = flag(recipe.TRAIN_BATCH, "image-text pairs per step and process")
     lr: float = flag(recipe.TRAIN_LR, "peak AdamW learning rate")
     wd: float = flag(recipe.WEIGHT_DECAY, "AdamW weight decay (not on gains, biases and the logit scale)")
@@ -92,6 +93,10 @@ class Settings:
     log_every: int = flag(50, "log the losses every N steps")
     resume: str = flag("auto", f"auto (from OUT/{interop.RUN_CHECKPOINT} when present), none (start over) or a "
                        "checkpoint path")
+
+
+# what a resume may change (and "workers", but for tar shards); any other setting is refused (resume)
+FREE_ON_RESUME = ("device", "eval_every", "save_every", "log_every", "grad_checkpointing", "compile", "resume")
 
 
 def check_settings(settings):
@@ -203,10 +208,10 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
               f"{settings.batch_size * world_size} per epoch; training {total_steps} steps"
               + (f", resumed at step {step}" if step else ""), flush=True)
         os.makedirs(out_dir, exist_ok=True)
-        runtime.save_json({"settings": asdict(settings), "model": model.cfg.to_dict(), "git": runtime.git_hash(),
-                           "torch": torch.__version__, "device": str(device), "precision": precision,
-                           "world_size": world_size, "teacher": teacher.cfg.to_dict() if teacher is not None else None},
-                          os.path.join(out_dir, "config.json"))
+        runtime.save_config(os.path.join(out_dir, "config.json"), step, {
+            "settings": asdict(settings), "model": model.cfg.to_dict(), "git": runtime.git_hash(),
+            "torch": torch.__version__, "device": str(device), "precision": precision, "world_size": world_size,
+            "teacher": teacher.cfg.to_dict() if teacher is not None else None})
     log = runtime.Log(out_dir, step, total_steps, enabled=rank == 0)  # metrics.jsonl and the console
     t_start = t_log = time.time()
     step_log = step
@@ -283,16 +288,17 @@ def prepare(model, teacher, distill, settings, device, precision):
 
 def resume(path, model, optimizer, distill, settings, device, scaler, world_size, sharded):
     """Restore a run from checkpoint `path` (interop.py reads it) after checking that it is this run's: the same
-    model, data stream, number of processes and teacher; returns (step, wall time so far in seconds, last losses).
-    sharded: the data are tar shards, whose batch order also depends on the number of workers (data.ShardStream)."""
-    ckpt = interop.load_checkpoint(path)
-    if ckpt["config"] != model.cfg.to_dict():
-        raise ValueError(f"checkpoint {path} holds a model of another config; use another --out or --resume none")
-    for key in ("data", "batch_size", "seed") + (("workers",) if sharded else ()):  # they fix the data stream
-        if ckpt["settings"][key] != getattr(settings, key):
-            why = " (the batch order of shards depends on it)" if key == "workers" else ""
-            raise ValueError(f"checkpoint {path} was trained with {key}={ckpt['settings'][key]!r}, not "
-                             f"{getattr(settings, key)!r}{why}; resume with the same value, or use another --out")
+    model, settings (but FREE_ON_RESUME), number of processes and teacher; returns (step, wall time so far in seconds,
+    last losses). sharded: the data are tar shards, whose batch order also depends on the number of workers."""
+    ckpt = interop.load_checkpoint(path, model.cfg)  # another model, or tensors of other shapes: one line
+    free, now = FREE_ON_RESUME + (() if sharded else ("workers",)), asdict(settings)
+    for key, value in ckpt["settings"].items():  # in the order of Settings: the data stream first
+        if key not in free and key in now and value != now[key]:
+            why = {"workers": " (the batch order of shards depends on it)",
+                   "steps": f" (the lr schedule spans the run: to train on, --init-from {path} --out NEW_FOLDER)",
+                   "epochs": " (the lr schedule spans the run)"}.get(key, "")
+            raise ValueError(f"checkpoint {path} was trained with {key}={value!r}, not {now[key]!r}{why}; resume with "
+                             "the same value, or use another --out")
     if ckpt.get("world_size", 1) != world_size:  # so does the number of processes (the global batch)
         raise ValueError(f"checkpoint {path} was trained by {ckpt.get('world_size', 1)} processes, not {world_size}; "
                          "resume with as many (torchrun --nproc_per_node x --nnodes), or use another --out")
@@ -400,6 +406,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+@runtime.stops_cleanly(runtime.RERUN_TO_RESUME)  # Ctrl-C, SIGTERM: one line, exit 130 / 143
 def main(argv=None):
     args = parse_args(argv)
     settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
@@ -410,6 +417,8 @@ def main(argv=None):
         teacher = interop.load_model(args.teacher) if args.teacher else None
         cfg = model_config(args.size, args, like=init[1] if init else teacher.cfg if teacher else None)
         model = first_model(cfg, settings.seed, init, args.grow_method, args.init_from)
+        runtime.init_distributed(runtime.pick_device(settings.device))  # under torchrun: one process group
+        runtime.hold_out_dir(args.out)  # one run at a time in --out, until main returns
         metrics = train(model, settings, args.out, teacher=teacher, distill=distillation(model, teacher, args.alpha))
     except runtime.USER_ERRORS as e:  # one line, no traceback: 2 for bad input, 1 for a run that stopped (NaN, disk)
         runtime.exit_with(e)

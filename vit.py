@@ -68,6 +68,9 @@ class CLIPConfig:
     tokenizer: str = "clip-bpe"  # which tokenizer the model was trained with ("clip-bpe" or "byte"; see data.py)
 
     def __post_init__(self):
+        for name, value in self.to_dict().items():
+            if name != "tokenizer" and not (isinstance(value, int) and value > 0):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}: "
                              "pick sizes so that the patches tile the image")

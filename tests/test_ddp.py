@@ -4,7 +4,7 @@ same samples (CLIP loss over the global batch, FD per sample); a 2-rank train() 
 batch, writes one checkpoint without wrapper prefixes and one set of records, keeps the ranks identical, returns
 rank 0's metrics everywhere, exports an open_clip local-dir (that open_clip loads, when installed), and resumes
 exactly on every rank; a 2-stage chain under the same group completes with one report, which a rerun by one process
-is refused to rewrite."""
+is refused to rewrite, and is refused by every rank on a folder that another run holds."""
 import json
 import os
 import socket
@@ -105,6 +105,13 @@ def worker(rank, port, tmp):
         saw["resumed"] = model.state_dict()
         # a 2-stage chain (grow + FD) under the same process group, as `torchrun chain.py` runs it
         saw["chain"] = chain.main([*CHAIN, "--out", os.path.join(tmp, "chain")])
+        # a folder in use (rank 0 holds its lock): the chain is refused on every rank, none left waiting
+        runtime.hold_out_dir(os.path.join(tmp, "busy"))
+        try:
+            chain.main([*CHAIN, "--out", os.path.join(tmp, "busy")])
+        except SystemExit as e:
+            saw["busy"] = e.code
+        runtime._release()
         torch.save(saw, os.path.join(tmp, f"rank{rank}.pt"))
     finally:
         runtime.destroy_distributed()
@@ -185,6 +192,7 @@ def test_a_two_rank_chain_completes_with_one_report(ranks, capsys):
         chain.main([*CHAIN, "--out", out])
     assert e.value.code == 2 and f"run by {WORLD} processes, not 1;" in capsys.readouterr().err
     assert json.load(open(os.path.join(out, "report.json"))) == report
+    assert saw0["busy"] == saw1["busy"] == 2  # a second run on a folder in use: refused by both ranks
 
 
 def test_open_clip_loads_the_export_of_a_two_rank_run(ranks):
