@@ -35,8 +35,7 @@ import train
 import vit
 
 RESULT = "result.json"  # a finished stage's metrics, beside train.py's files
-DEFAULTS = dict(batch_size=recipe.CHAIN_BATCH)  # the chain's own defaults for train.py's flags
-PER_STAGE = ("epochs", "steps", "warmup", "lr", "resume")  # train.Settings fields the chain sets per stage
+PER_STAGE = ("epochs", "steps", "warmup", "lr", "ema", "resume")  # train.Settings fields the chain sets per stage
 RUNTIME = train.FREE_ON_RESUME + ("workers",)  # free on resume (train.resume refuses the workers of tar shards)
 
 
@@ -83,7 +82,7 @@ def train_stage(stage, model, teacher=None, distill=None):
     path = os.path.join(stage.dir, RESULT)
     if os.path.exists(path):
         ckpt = interop.load_checkpoint(os.path.join(stage.dir, interop.RUN_CHECKPOINT), model.cfg)  # of this model?
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(interop.trained_state(ckpt))
         return runtime.load_json(path, "stage result")
     if runtime.is_rank0():
         print(f"== {stage.label}", flush=True)
@@ -131,12 +130,14 @@ def per_stage(text, n, flag, kind=int):
     return values * n if len(values) == 1 else values
 
 
-def schedule(args, settings, n):
-    """Steps, epochs, warmup and peak lr per stage. By default the official CC3M scripts' (recipe.py): the smallest
-    model 128 epochs with 8000 warmup steps, the grown ones 24, 16, 16 (a longer chain repeats 16) with 1000, all at
-    peak lr 1e-3; the warmups kept as the same fraction of each stage, but at least MIN_WARMUP steps. On the synthetic
-    set: CHAIN_FIRST_STEPS steps for the smallest model and the official proportions for the rest, at CHAIN_LR."""
-    official = recipe.official_epochs(n)
+def schedule(args, settings, cfgs):
+    """Steps, epochs, warmup, peak lr and weight average per stage. By default the official CC3M scripts' lengths
+    (recipe.py): the smallest model 128 epochs with 8000 warmup steps, the grown ones 24, 16, 16 (a longer chain
+    repeats 16) with 1000, the warmups kept as the same fraction of each stage, but at least MIN_WARMUP steps; on the
+    synthetic set SYNTHETIC_FIRST_STEPS steps for the smallest model and the official proportions for the rest. Peak
+    lr: the first stage's (1e-3, official; SYNTHETIC_LR on the synthetic set); the grown stages' follow the grown
+    recipe (scaled: grown_lr and an average of the weights; official: the same lr, no average)."""
+    n, official = len(cfgs), recipe.official_epochs(len(cfgs))
     if args.steps:
         steps, epochs = per_stage(args.steps, n, "--steps"), [1] * n
     elif args.epochs or settings.data != "synthetic":
@@ -144,24 +145,29 @@ def schedule(args, settings, n):
         num_samples = settings.num_samples or data.source_size(settings)  # as train.train reads it
         steps = [e * runtime.steps_per_epoch(num_samples, settings.batch_size, runtime.world_size()) for e in epochs]
     else:
-        steps, epochs = [round(recipe.CHAIN_FIRST_STEPS * e / official[0]) for e in official], [1] * n
+        steps, epochs = [round(recipe.SYNTHETIC_FIRST_STEPS * e / official[0]) for e in official], [1] * n
     warmup = per_stage(args.warmup, n, "--warmup") if args.warmup else [
         recipe.official_warmup(s, i > 0, e) for i, (s, e) in enumerate(zip(steps, official))]
+    scaled = args.grown_recipe == "scaled"
     lr = per_stage(args.lr, n, "--lr", float) if args.lr else \
-        [recipe.CHAIN_LR if settings.data == "synthetic" else recipe.OFFICIAL_LR] * n
-    return [dict(steps=s, epochs=e, warmup=w, lr=r) for s, e, w, r in zip(steps, epochs, warmup, lr)]
+        [recipe.SYNTHETIC_LR if settings.data == "synthetic" else recipe.OFFICIAL_LR] * n
+    if "," not in args.lr:  # one value, the first stage's: the grown stages' follow the grown recipe
+        lr = [recipe.grown_lr(lr[0], cfgs[0], c) if scaled and i else lr[0] for i, c in enumerate(cfgs)]
+    ema = [recipe.EMA_FRACTION if scaled and i else 0.0 for i in range(n)]
+    return [dict(steps=s, epochs=e, warmup=w, lr=r, ema=a) for s, e, w, r, a in zip(steps, epochs, warmup, lr, ema)]
 
 
 def plan(args, settings, like=None):
     """One Stage per size. like: the config of --init-from / --teacher, whose data shape is then the default."""
     sizes = parse_sizes(args.sizes)
+    cfgs = [train.model_config(size, args, like) for size in sizes]
     stages = []
-    for i, (size, when) in enumerate(zip(sizes, schedule(args, settings, len(sizes)))):
+    for i, (size, cfg, when) in enumerate(zip(sizes, cfgs, schedule(args, settings, cfgs))):
         start = (f"grown from {sizes[i - 1]} ({args.grow_method}) + FD" if i else
                  (f"from {args.init_from}" if args.init_from else "from scratch") +
                  (f" + FD towards {args.teacher}" if args.teacher else ""))
         samples = when["steps"] * settings.batch_size * runtime.world_size()  # the global batch's
-        stage = Stage(size, train.model_config(size, args, like), replace(settings, **when), samples,
+        stage = Stage(size, cfg, replace(settings, **when), samples,
                       os.path.join(args.out, f"{i + 1}-{size}"), f"stage {i + 1}/{len(sizes)}: {size}, {start}")
         train.check_settings(stage.settings)  # a bad value stops the run before any stage trains
         stages.append(stage)
@@ -208,11 +214,15 @@ def parse_args(argv=None):
     p.add_argument("--epochs", default="", help="epochs per stage, comma list (default: "
                    f"{','.join(map(str, recipe.OFFICIAL_EPOCHS))}..., official)")
     p.add_argument("--steps", default="", help="optimizer steps per stage, comma list; overrides --epochs (default on "
-                   f"synthetic data: {recipe.CHAIN_FIRST_STEPS} for the first, the official proportions after)")
+                   f"synthetic data: {recipe.SYNTHETIC_FIRST_STEPS} for the first, the official proportions after)")
     p.add_argument("--warmup", default="", help="warmup steps per stage, comma list (default: the official "
                    f"{' / '.join(map(str, recipe.OFFICIAL_WARMUP))} steps as the same fraction of each stage)")
-    p.add_argument("--lr", default="", help="peak AdamW learning rate per stage, comma list (default: "
-                   f"{recipe.OFFICIAL_LR:g}, official; synthetic data: {recipe.CHAIN_LR:g})")
+    p.add_argument("--lr", default="", help="peak AdamW learning rate: one value, the first stage's (the grown "
+                   "stages' follow --grown-recipe), or a comma list, one per stage (default: "
+                   f"{recipe.OFFICIAL_LR:g}, official; synthetic data: {recipe.SYNTHETIC_LR:g})")
+    p.add_argument("--grown-recipe", default="scaled", choices=recipe.GROWN_RECIPES, help="how grown stages train: "
+                   "scaled (peak lr / width ratio to the first model, an average of the weights delivered) or official "
+                   "(the paper's: the first stage's peak lr, the last weights)")
     p.add_argument("--baseline", action="store_true", help="also train every size alone with the first stage's "
                    "schedule, and compare")
     p.add_argument("--out", default="runs/chain", help="output folder of the run")
@@ -220,7 +230,7 @@ def parse_args(argv=None):
                    "exit; no data is read (a real source needs --num-samples), and the models are those of --data "
                    "(synthetic: the byte tokenizer; the paper's CLIP-vocabulary models: add --tokenizer clip-bpe)")
     train.add_model_args(p)  # the data shape; --init-from, --teacher: the first stage's; --grow-method, --alpha: all
-    train.add_settings_args(p, skip=PER_STAGE, defaults=DEFAULTS)  # train.py's flags, for every stage
+    train.add_settings_args(p, skip=PER_STAGE)  # train.py's flags, for every stage
     return p.parse_args(argv)
 
 
@@ -249,8 +259,8 @@ def main(argv=None):
         runtime.hold_out_dir(args.out)  # one run at a time in --out, until main returns (the report included)
         check_manifest(args.out, dict(
             sizes=[st.size for st in stages], world_size=runtime.world_size(),  # with batch_size: the global batch
-            grow_method=args.grow_method, alpha=args.alpha, init_from=args.init_from, teacher=args.teacher,
-            **{k: [getattr(st.settings, k) for st in stages] for k in ("steps", "warmup", "lr")},
+            grow_method=args.grow_method, grown_recipe=args.grown_recipe, alpha=args.alpha, init_from=args.init_from, teacher=args.teacher,
+            **{k: [getattr(st.settings, k) for st in stages] for k in ("steps", "warmup", "lr", "ema")},
             **{k: v for k, v in asdict(settings).items() if k not in RUNTIME + PER_STAGE},
             models=[st.cfg.to_dict() for st in stages]))
         t0 = time.time()

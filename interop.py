@@ -191,7 +191,7 @@ def load_state_dict_any(path):
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: holds a {type(obj).__name__}, not a state dict or a training dict")
     if not all(isinstance(v, torch.Tensor) for v in obj.values()):  # a training dict: find the weights
-        key = next((k for k in ("state_dict", "model") if isinstance(obj.get(k), dict)), None)
+        key = next((k for k in ("ema", "state_dict", "model") if isinstance(obj.get(k), dict)), None)  # trained first
         if key is None:
             raise ValueError(f"{path}: a dict without 'state_dict' or 'model' weights (top-level keys: "
                              f"{sorted(map(str, obj))[:8]}); expected a state dict or a training checkpoint")
@@ -252,11 +252,14 @@ def initialise(model, state_dict, cfg, method="lossless", seed=0, source="--init
 TRAINING_KEYS = ("model", "config", "step", "optimizer", "settings", "rng")  # what a resume needs
 
 
-def save_checkpoint(path, step, model, optimizer, distill, scaler, settings, world_size, wall_time, losses):
+def save_checkpoint(path, step, model, optimizer, distill, scaler, settings, world_size, wall_time, losses,
+                    average=None):
     """A plain dict of tensors and Python values (torch.load(weights_only=True) reads it), written atomically; the
     model's own state dict, so no DDP or compile prefix. settings: train.py's flags as a dict; losses: the last logged
-    losses, which a resumed run that has no step left to take reports."""
+    losses, which a resumed run that has no step left to take reports; average: the weight average (train.py's
+    --ema), which is then the trained model (trained_state)."""
     runtime.save_torch({
+        "ema": average.state_dict() if average is not None else None,
         "model": model.state_dict(), "config": model.cfg.to_dict(), "step": step, "optimizer": optimizer.state_dict(),
         "distill": distill.state_dict() if distill is not None else None, "settings": settings,
         "scaler": scaler.state_dict(), "world_size": world_size, "wall_time": wall_time, "losses": losses,
@@ -287,10 +290,12 @@ def load_checkpoint(path, cfg=None):
     return ckpt
 
 
-def restore_checkpoint(ckpt, model, optimizer, distill, scaler, device):
+def restore_checkpoint(ckpt, model, optimizer, distill, scaler, device, average=None):
     """Load a checkpoint dict (load_checkpoint) back into the run's objects and the RNG, for an exact resume; returns
     (step, wall time so far in seconds, last losses)."""
     model.load_state_dict(ckpt["model"])
+    if average is not None:
+        average.load_state_dict(ckpt["ema"])
     if distill is not None:
         distill.load_state_dict(ckpt["distill"])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -300,6 +305,11 @@ def restore_checkpoint(ckpt, model, optimizer, distill, scaler, device):
     if device.type == "cuda" and ckpt["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
     return ckpt["step"], ckpt["wall_time"], ckpt.get("losses", {})
+
+
+def trained_state(ckpt):
+    """The trained model's weights in a checkpoint dict: the weight average when the run kept one, else the weights."""
+    return ckpt.get("ema") or ckpt["model"]
 
 
 # -----------------------------------------------------------------------------

@@ -75,11 +75,13 @@ class Settings:
     epochs: int = flag(8, "passes over the training data")
     steps: int = flag(0, "total optimizer steps; overrides --epochs (0: epochs x steps per epoch); a run is not "
                       "extended on resume: the schedule spans it (train on with --init-from OUT --out NEW)")
-    batch_size: int = flag(recipe.TRAIN_BATCH, "image-text pairs per step and process")
-    lr: float = flag(recipe.TRAIN_LR, "peak AdamW learning rate")
+    batch_size: int = flag(recipe.SYNTHETIC_BATCH, "image-text pairs per step and process")
+    lr: float = flag(recipe.SYNTHETIC_LR, "peak AdamW learning rate")
     wd: float = flag(recipe.WEIGHT_DECAY, "AdamW weight decay (not on gains, biases and the logit scale)")
-    warmup: int = flag(recipe.TRAIN_WARMUP, "linear learning-rate warmup, in steps")
+    warmup: int = flag(recipe.SYNTHETIC_WARMUP, "linear learning-rate warmup, in steps")
     grad_clip: float = flag(1.0, "largest global gradient norm (0: no clipping)")
+    ema: float = flag(0.0, "deliver an exponential moving average of the weights, started at the initial ones, whose "
+                      "horizon is this fraction of the run (0: the last weights; chain.py sets it for grown stages)")
     seed: int = flag(0, "seed of the model's initialisation and of the data order and augmentation")
     # runtime
     device: str = flag("auto", "auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
@@ -89,6 +91,7 @@ class Settings:
     compile: bool = flag(False, "torch.compile the two towers (slow first steps, then faster)")
     # evaluation, logging, checkpoints
     eval_every: int = flag(1, "evaluate every N epochs, and at the end (0: only at the end)")
+    eval_steps: int = flag(0, "also evaluate every N steps, from step 0 (0: never)")
     save_every: int = flag(1000, "checkpoint every N steps, and at the end (0: only at the end)")
     log_every: int = flag(50, "log the losses every N steps")
     resume: str = flag("auto", f"auto (from OUT/{interop.RUN_CHECKPOINT} when present), none (start over) or a "
@@ -96,14 +99,14 @@ class Settings:
 
 
 # what a resume may change (and "workers", but for tar shards); any other setting is refused (resume)
-FREE_ON_RESUME = ("device", "eval_every", "save_every", "log_every", "grad_checkpointing", "compile", "resume")
+FREE_ON_RESUME = ("device", "eval_every", "eval_steps", "save_every", "log_every", "grad_checkpointing", "compile", "resume")
 
 
 def check_settings(settings):
     """One-line errors for bad values, before any work."""
     positive = ("epochs", "batch_size", "captions_per_image", "lr", "log_every")
-    for name in positive + ("steps", "warmup", "wd", "grad_clip", "workers", "num_samples", "eval_every",
-                            "save_every"):
+    for name in positive + ("steps", "warmup", "wd", "grad_clip", "ema", "workers", "num_samples", "eval_every",
+                            "eval_steps", "save_every"):
         value = getattr(settings, name)
         if not (value > 0 if name in positive else value >= 0):
             raise ValueError(f"--{name.replace('_', '-')} must be {'positive' if name in positive else '0 or more'}, "
@@ -199,8 +202,10 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
     ckpt_path = os.path.join(out_dir, interop.RUN_CHECKPOINT)
     start = {"auto": ckpt_path if os.path.exists(ckpt_path) else None, "none": None}.get(settings.resume,
                                                                                           settings.resume)
+    average = WeightAverage(model, recipe.ema_decay(settings.ema, total_steps)) if settings.ema else None
     step, wall_time, losses = resume(start, model, optimizer, distill, settings, device, scaler, world_size,
-                                     train_data.sharded) if start else (0, 0.0, {})
+                                     train_data.sharded, average) if start else (0, 0.0, {})
+    delivered = average.model if average is not None else model  # what is evaluated, exported and returned
     if world_size > 1:  # one wrapper for the student and its projector: their gradients are averaged over the ranks
         objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
     if rank == 0:
@@ -215,6 +220,8 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
     log = runtime.Log(out_dir, step, total_steps, enabled=rank == 0)  # metrics.jsonl and the console
     t_start = t_log = time.time()
     step_log = step
+    if settings.eval_steps and step == 0:  # where the run starts from (a grown model: its predecessor's function)
+        evaluate_and_log(delivered, eval_sets, device, precision, log, 0, 0.0, ckpt_path)
     while step < total_steps:
         epoch, first = divmod(step, steps_per_epoch)
         for images, tokens in train_data.batches(epoch, first):
@@ -227,6 +234,8 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
                 last = ckpt_path if os.path.exists(ckpt_path) else "none written yet"
                 raise FloatingPointError(f"non-finite loss {losses} at step {step + 1}: run stopped; last good "
                                          f"checkpoint: {last} (try a lower --lr, keep --grad-clip on)")
+            if average is not None:
+                average.update(model)
             step += 1
             log.bar.update()
             if step % settings.log_every == 0 or step == total_steps:
@@ -235,14 +244,20 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
                 log.step(step, total_steps, step / steps_per_epoch, losses, lr, model.logit_scale.exp().item(), speed)
             if rank == 0 and ((settings.save_every and step % settings.save_every == 0) or step == total_steps):
                 interop.save_checkpoint(ckpt_path, step, model, optimizer, distill, scaler, asdict(settings),
-                                        world_size, wall_time + time.time() - t_start, losses)
+                                        world_size, wall_time + time.time() - t_start, losses, average)
             if step == total_steps:
                 break
+            if settings.eval_steps and step % settings.eval_steps == 0:
+                t_eval = time.time()
+                evaluate_and_log(delivered, eval_sets, device, precision, log, step, step / steps_per_epoch, ckpt_path)
+                t_log += time.time() - t_eval
         if step < total_steps and settings.eval_every and (epoch + 1) % settings.eval_every == 0:
             t_eval = time.time()
-            evaluate_and_log(model, eval_sets, device, precision, log, step, step / steps_per_epoch, ckpt_path)
+            evaluate_and_log(delivered, eval_sets, device, precision, log, step, step / steps_per_epoch, ckpt_path)
             t_log += time.time() - t_eval  # samples/s counts training only
     log.bar.close()
+    if average is not None:  # the trained model is the average (its checkpoint keeps both)
+        model.load_state_dict(average.model.state_dict())
     if rank == 0:  # the model as an open_clip local-dir, beside the checkpoint
         interop.export_open_clip(model, model.cfg, os.path.join(out_dir, "open_clip"))
     # after the writes: once train() returns, every rank can read them
@@ -261,6 +276,26 @@ def distillation(model, teacher, alpha=ALPHA):
     """CoM-PT's feature-space transfer towards `teacher` (distill.py): FD of weight alpha, with projectors when the
     embedding dims differ; None without a teacher."""
     return FeatureDistill(model.cfg.embed_dim, teacher.cfg.embed_dim, alpha) if teacher is not None else None
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights (Polyak averaging), started at the weights it is given and
+    updated after every optimizer step: a grown stage delivers it (recipe.py, "the grown stages")."""
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.model = vit.CLIP(model.cfg).to(next(model.parameters()).device).eval().requires_grad_(False)
+        self.model.load_state_dict(model.state_dict())
+
+    @torch.no_grad()
+    def update(self, model):
+        torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in model.parameters()], 1 - self.decay)
+
+    def state_dict(self):
+        return self.model.state_dict()
+
+    def load_state_dict(self, state_dict):
+        self.model.load_state_dict(state_dict)
 
 
 def check_teacher(model, teacher, distill):
@@ -286,7 +321,7 @@ def prepare(model, teacher, distill, settings, device, precision):
     return Objective(model, distill), optimizer, torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
-def resume(path, model, optimizer, distill, settings, device, scaler, world_size, sharded):
+def resume(path, model, optimizer, distill, settings, device, scaler, world_size, sharded, average=None):
     """Restore a run from checkpoint `path` (interop.py reads it) after checking that it is this run's: the same
     model, settings (but FREE_ON_RESUME), number of processes and teacher; returns (step, wall time so far in seconds,
     last losses). sharded: the data are tar shards, whose batch order also depends on the number of workers."""
@@ -305,7 +340,7 @@ def resume(path, model, optimizer, distill, settings, device, scaler, world_size
     if (ckpt["distill"] is None) != (distill is None):
         raise ValueError(f"checkpoint {path} was trained {'without' if distill is not None else 'with'} a teacher; "
                          f"resume it the same way, or use another --out")
-    return interop.restore_checkpoint(ckpt, model, optimizer, distill, scaler, device)
+    return interop.restore_checkpoint(ckpt, model, optimizer, distill, scaler, device, average)
 
 
 def evaluate_and_log(model, eval_sets, device, precision, log, step, epoch, checkpoint, final=False):

@@ -114,7 +114,7 @@ def bench(a, compile):
         model.visual.compile()
         model.transformer.compile()
     objective = train.Objective(model)
-    optimizer = recipe.make_optimizer(model, recipe.TRAIN_LR, recipe.WEIGHT_DECAY, device)
+    optimizer = recipe.make_optimizer(model, recipe.SYNTHETIC_LR, recipe.WEIGHT_DECAY, device)
     B = a.bench_batch_size
     images = torch.randn(B, 3, cfg.image_size, cfg.image_size, device=device)
     tokens = torch.randint(1, cfg.vocab_size - 1, (B, cfg.context_length), device=device)

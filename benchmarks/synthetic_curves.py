@@ -37,7 +37,7 @@ def measure(model, eval_sets, device, precision):
     return out
 
 
-def run(size, steps, eval_every, seed=0, batch_size=recipe.TRAIN_BATCH, lr=recipe.TRAIN_LR, warmup=recipe.TRAIN_WARMUP,
+def run(size, steps, eval_every, seed=0, batch_size=recipe.SYNTHETIC_BATCH, lr=recipe.SYNTHETIC_LR, warmup=recipe.SYNTHETIC_WARMUP,
         device="cpu", precision="", log=print):
     """Train `size` alone for `steps` steps; returns the list of evaluation records (step, metrics, time)."""
     device = torch.device(device)
@@ -95,9 +95,9 @@ def main():
     parser.add_argument("--size", default="cpu-tiny", help=f"model size: {', '.join(vit.SIZES)}")
     parser.add_argument("--steps", type=int, default=1000, help="training steps of batch --batch-size")
     parser.add_argument("--eval-every", type=int, default=250, help="evaluate every N steps, and at the end")
-    parser.add_argument("--batch-size", type=int, default=recipe.TRAIN_BATCH, help="image-text pairs per step")
-    parser.add_argument("--lr", type=float, default=recipe.TRAIN_LR, help="peak learning rate (train.py's default)")
-    parser.add_argument("--warmup", type=int, default=recipe.TRAIN_WARMUP, help="linear warmup steps, then cosine to 0 at --steps")
+    parser.add_argument("--batch-size", type=int, default=recipe.SYNTHETIC_BATCH, help="image-text pairs per step")
+    parser.add_argument("--lr", type=float, default=recipe.SYNTHETIC_LR, help="peak learning rate (train.py's default)")
+    parser.add_argument("--warmup", type=int, default=recipe.SYNTHETIC_WARMUP, help="linear warmup steps, then cosine to 0 at --steps")
     parser.add_argument("--seed", type=int, default=0, help="seed of the init, the data order and the eval sets")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")

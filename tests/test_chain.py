@@ -134,17 +134,27 @@ def test_default_schedule_is_the_official_one(capsys):
     args = chain.parse_args(["--sizes", "tiny,small,base,large", *CC3M])
     stages = chain.plan(args, train.Settings(data="cc3m.csv", num_samples=2905954, batch_size=1024))
     assert [st.settings.warmup for st in stages] == [8000, 1000, 1000, 1000]
-    assert [st.settings.lr for st in stages] == [1e-3] * 4
+    widths = [st.cfg.vision_width for st in stages]  # the default grown recipe scales the grown stages' lr
+    assert [st.settings.lr for st in stages] == [1e-3 * widths[0] / w for w in widths]
+    assert [st.settings.ema for st in stages] == [0] + [recipe.EMA_FRACTION] * 3
+    official = chain.plan(chain.parse_args(["--sizes", "tiny,small,base,large", *CC3M, "--grown-recipe", "official"]),
+                          train.Settings(data="cc3m.csv", num_samples=2905954, batch_size=1024))
+    assert [(st.settings.lr, st.settings.ema) for st in official] == [(1e-3, 0)] * 4
     # the synthetic set: steps in the official proportions, warmups of at least 50 steps (at most half a stage)
     stages = chain.plan(chain.parse_args(["--sizes", SIZES]), train.Settings(num_samples=1000))
-    first = recipe.CHAIN_FIRST_STEPS
+    first = recipe.SYNTHETIC_FIRST_STEPS
     steps = [first, round(first * 24 / 128), round(first * 16 / 128)]
     assert [st.settings.steps for st in stages] == steps
     assert [st.settings.warmup for st in stages] == [min(s // 2, 50) for s in steps]
-    assert [st.settings.lr for st in stages] == [recipe.CHAIN_LR] * 3 and recipe.CHAIN_LR < 1e-3
-    # one value stands for every stage
-    stages = chain.plan(chain.parse_args(["--sizes", SIZES, "--steps", "7", "--lr", "2e-4"]), train.Settings())
+    assert stages[0].settings.lr == recipe.SYNTHETIC_LR
+    # one value is the first stage's: the grown stages' lr follows the recipe; a comma list is exact per stage
+    argv = ["--sizes", SIZES, "--steps", "7", "--lr", "2e-4"]
+    stages = chain.plan(chain.parse_args(argv + ["--grown-recipe", "official"]), train.Settings())
     assert [(st.settings.steps, st.settings.lr) for st in stages] == [(7, 2e-4)] * 3
+    stages = chain.plan(chain.parse_args(argv), train.Settings())
+    assert [st.settings.lr for st in stages] == [2e-4, 1e-4, 5e-5]  # cpu-tiny 64 -> cpu-small 128 -> cpu-base 256
+    stages = chain.plan(chain.parse_args(["--sizes", SIZES, "--lr", "3e-4,2e-4,1e-4"]), train.Settings())
+    assert [st.settings.lr for st in stages] == [3e-4, 2e-4, 1e-4]
 
 
 # -----------------------------------------------------------------------------

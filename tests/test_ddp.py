@@ -49,7 +49,7 @@ def one_step(rank=0, world=1):
     objective = train.Objective(student, distill)
     wrapped = DDP(objective) if world > 1 else objective
     images, tokens = (x.chunk(world)[rank] for x in global_batch())
-    optimizer = recipe.make_optimizer(student, recipe.TRAIN_LR, recipe.WEIGHT_DECAY, torch.device("cpu"), distill)
+    optimizer = recipe.make_optimizer(student, recipe.SYNTHETIC_LR, recipe.WEIGHT_DECAY, torch.device("cpu"), distill)
     losses = train.train_step(wrapped, optimizer, images, tokens, 0.0, 0.0, tiny_model(1), precision="fp32")
     return losses, {n: p.grad.clone() for n, p in objective.named_parameters()}
 

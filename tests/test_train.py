@@ -195,6 +195,37 @@ def test_tiny_run_writes_checkpoint_metrics_and_config(tmp_path):
 
 
 
+def test_the_weight_average_is_the_trained_model(tmp_path, monkeypatch):
+    # brute force: the average of the initial weights and of the weights after every step, decay 1 - 1 / (0.5 x 6)
+    model = tiny_model()
+    seen = [{k: v.clone() for k, v in model.state_dict().items()}]
+    step = train.train_step
+
+    def spy(objective, *args, **kwargs):
+        losses = step(objective, *args, **kwargs)
+        seen.append({k: v.clone() for k, v in objective.model.state_dict().items()})
+        return losses
+    monkeypatch.setattr(train, "train_step", spy)
+    settings = tiny_settings(steps=6, num_samples=32, ema=0.5, eval_every=0, eval_steps=2)
+    metrics = train.train(model, settings, str(tmp_path))
+    decay = 1 - 1 / (0.5 * 6)
+    for k, v in model.state_dict().items():
+        if v.is_floating_point():
+            average = seen[0][k].double()
+            for weights in seen[1:]:
+                average = decay * average + (1 - decay) * weights[k].double()
+            torch.testing.assert_close(v.double(), average, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(model.visual.conv1.weight, seen[-1]["visual.conv1.weight"])  # not the last weights
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert all(torch.equal(ckpt["model"][k], v) for k, v in seen[-1].items())  # the checkpoint keeps both
+    for path in (tmp_path, tmp_path / "open_clip"):  # what --init-from, --teacher and the export read: the average
+        state, _ = interop.load_state_dict_any(path)
+        assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in records if "zeroshot_top1" in r] == [0, 2, 4, 6]  # --eval-steps 2, from step 0
+    assert records[-1]["zeroshot_top1"] == metrics["zeroshot_top1"]
+
+
 def test_resume_refuses_another_worker_count_for_shards_only(tmp_path):
     from test_data import make_shards  # img2dataset's layout, 3 shards x 8 samples
     shards = make_shards(tmp_path / "shards")
@@ -232,7 +263,7 @@ def interrupt_after(monkeypatch, n_batches):
 
 def test_resume_is_exact(tmp_path, monkeypatch):
     # with a teacher and a trained projector, and across an epoch boundary (64 samples / batch 8 = 8 steps)
-    settings = tiny_settings(steps=10, save_every=3, num_samples=64, eval_every=0)
+    settings = tiny_settings(steps=10, save_every=3, num_samples=64, eval_every=0, ema=0.3)  # the average resumes too
 
     def run(out):
         student, teacher = tiny_model(0, embed_dim=32), tiny_model(1)
