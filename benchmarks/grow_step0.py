@@ -4,7 +4,7 @@ and evaluate every grown model before it takes a single training step, next to i
 Lossless growth should reproduce the predecessor's numbers; the official operator (inherit) shows what it loses.
 
 The predecessor is trained with train.py's defaults at the synthetic set's data shape (data.default_shape) into
-OUT/SMALL; a finished run there is reused. Evaluation: evaluate.evaluate on evaluate.build_eval_sets("synthetic")
+OUT/SMALL; a finished run there is reused. Writes results/grow-step0-SMALL-BIG.md and .json. Evaluation: evaluate.evaluate on evaluate.build_eval_sets("synthetic")
 (48-class zero-shot, 500-image retrieval with 5 captions each), plus the CLIP loss on the retrieval pairs
 (first caption of each image).
 
@@ -12,7 +12,6 @@ OUT/SMALL; a finished run there is reused. Evaluation: evaluate.evaluate on eval
     python benchmarks/grow_step0.py --small cpu-small --big cpu-base
 """
 import argparse
-import json
 import os
 import sys
 
@@ -26,6 +25,7 @@ import runtime  # noqa: E402
 import train  # noqa: E402
 import vit  # noqa: E402
 from clip_loss import clip_loss  # noqa: E402
+from results import command, header  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
 parser.add_argument("--small", default="cpu-tiny", help=f"predecessor size: {', '.join(vit.SIZES)}")
@@ -34,7 +34,9 @@ parser.add_argument("--steps", type=int, default=1000, help="training steps of t
 parser.add_argument("--batch-size", type=int, default=64, help="image-text pairs per training step")
 parser.add_argument("--seed", type=int, default=0, help="seed of the inits, the data order and the growth noise")
 parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
-parser.add_argument("--out", default="runs/grow_step0", help="output folder: the predecessor's run, step0.json")
+parser.add_argument("--out", default="runs/grow_step0", help="output folder of the predecessor's run")
+parser.add_argument("--results", default="results", help="where grow-step0-SMALL-BIG.md / .json go")
+parser.add_argument("--conditions", default="idle machine", help="what else ran beside it, for the header")
 args = parser.parse_args()
 
 shape = data.default_shape("synthetic")  # the synthetic set's image size, patch, context and tokenizer
@@ -68,11 +70,16 @@ for name, model in models.items():
                      **evaluate.evaluate(model, eval_sets, device, "fp32")}  # fp32: lossless growth is exact
 
 columns = ["clip_loss", "zeroshot_top1", "zeroshot_top5", "i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5"]
-print(f"\nstep 0 after growth; predecessor trained {args.steps} steps x {args.batch_size} (seed {args.seed})\n")
-print("| model | CLIP loss | zero-shot top-1 | top-5 | I->T R@1 | R@5 | T->I R@1 | R@5 |")
-print("| --- |" + " ---: |" * len(columns))
+md = [f"# Growth at step 0: {args.small} -> {args.big}", "", *header(command(), args.conditions), "",
+      f"The predecessor trained {args.steps} steps x {args.batch_size} with train.py's recipe (seed {args.seed}); every "
+      "model evaluated in fp32 before any training step (the synthetic zero-shot task and 500-picture retrieval; %).",
+      "", "| model | CLIP loss | zero-shot top-1 | top-5 | I->T R@1 | R@5 | T->I R@1 | R@5 |",
+      "| --- |" + " ---: |" * len(columns)]
 for name, metrics in results.items():
     cells = [f"{metrics['clip_loss']:.3f}"] + [f"{100 * metrics[c]:.1f}" for c in columns[1:]]
-    print(f"| {name} | " + " | ".join(cells) + " |")
-with open(os.path.join(args.out, "step0.json"), "w") as f:
-    json.dump({"args": vars(args), "results": results}, f, indent=2)
+    md.append(f"| {name} | " + " | ".join(cells) + " |")
+print("\n".join(md))
+os.makedirs(args.results, exist_ok=True)
+name = os.path.join(args.results, f"grow-step0-{args.small}-{args.big}")
+runtime.save_text("\n".join(md) + "\n", name + ".md")
+runtime.save_json({"args": vars(args), "results": results}, name + ".json")

@@ -13,7 +13,6 @@ uses the byte tokenizer, and the results file says so.
 """
 
 import argparse
-import datetime
 import io
 import json
 import os
@@ -32,6 +31,7 @@ import evaluate  # noqa: E402
 import runtime  # noqa: E402
 import tokenizer  # noqa: E402
 import train  # noqa: E402
+from results import header  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # the pairs: every (shape, colour, corner) once, so that each caption describes one picture only
@@ -138,14 +138,6 @@ def write_csv(path, samples, images="images", delimiter=","):
 
 # -----------------------------------------------------------------------------
 # the benchmark
-
-
-def header(command):
-    """The results file's first lines: the command, the CPU and its capabilities, torch, the date."""
-    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-    flags = ", ".join(k for k, v in sorted(capabilities.items()) if v is True)
-    return [f"Command: `{command}`  ", f"CPU: {capabilities.get('cpu_name', 'unknown')}, {os.cpu_count()} logical "
-            f"cores; capabilities: {flags}  ", f"torch {torch.__version__}; {datetime.date.today().isoformat()}"]
 
 
 def layouts(root, samples):

@@ -19,9 +19,13 @@ results/study-<config>.json and results/study-<config>-*.svg. What is measured, 
    16 ...), the acceleration ratio of each, and every member against its twin trained alone for L steps.
 3. Ablations of the first grown stage, from the same trained first stage: growth and FD (the method), growth only
    (alpha 0), FD only (fresh init + FD), neither; the growth operators inherit, inherit_qkv, lossless; alpha 50, 500,
-   5000; the grown stage's peak lr and warmup.
+   5000; the grown recipes (recipe.py: the official one, no weight average, the first stage's lr) and warmups; and
+   the previous recipe (peak lr 1e-3 for both stages, the official grown stage).
 4. The ledger of the official CC3M chain (chain.py --dry-run).
+5. After growth: every grown stage is evaluated at step 0 and every tenth of its steps; its end and its lowest point
+   against its predecessor's final score.
 """
+import json
 import math
 import os
 import statistics
@@ -44,6 +48,7 @@ import runtime  # noqa: E402
 import train  # noqa: E402
 import vit  # noqa: E402
 from distill import ALPHA  # noqa: E402
+from results import command, header  # noqa: E402
 from svg import line_chart  # noqa: E402
 
 
@@ -90,8 +95,10 @@ class Job:
     teacher: str = ""  # the job whose trained model this one is distilled towards ("": none)
     grow_method: str = "lossless"
     alpha: float = ALPHA
-    lr: float = recipe.OFFICIAL_LR
-    warmup: int = recipe.MIN_WARMUP
+    lr: float = recipe.SYNTHETIC_LR
+    warmup: int = recipe.SYNTHETIC_WARMUP
+    ema: float = 0.0  # train.py's --ema: the weight average's horizon as a fraction of the stage
+    eval_steps: int = 0  # evaluate every this many steps from step 0 (the curves after growth)
 
 
 def fraction_name(f):
@@ -120,10 +127,8 @@ def plan(config):
         return Job(f"s{seed}/{size}-{steps}", size, steps, seed, warmup=recipe.official_warmup(steps, False,
                                                                                                E * steps / L))
 
-    def grown(size, steps, predecessor, **kw):  # a grown stage's official warmup fraction
-        return Job(f"s{predecessor.seed}/{size}-after-{key(predecessor.name)}-{steps}", size, steps,
-                   predecessor.seed, start=predecessor.name, teacher=predecessor.name,
-                   warmup=recipe.official_warmup(steps, True, E * steps / L), **kw)
+    def grown(size, steps, predecessor, first=config.sizes[0]):  # the official warmup fraction, the default recipe
+        return grown_job(size, steps, predecessor, first, warmup=recipe.official_warmup(steps, True, E * steps / L))
 
     for seed in sorted(set(config.seeds) | set(config.ablation_seeds)):
         first = add(alone(config.sizes[0], L, seed))
@@ -143,10 +148,14 @@ def plan(config):
                 variant = add(replace(method, name=f"{method.name}-{tag}", **change))
                 if seed == config.ablation_seeds[0]:
                     parts["ablation"].append((tag, key(variant.name)))
+            add(old_recipe(first))  # the previous recipe, first stage included
+            old = add(old_recipe(method))
+            if seed == config.ablation_seeds[0]:
+                parts["ablation"].append(("old-recipe", key(old.name)))
     for family in config.families:  # part 2: the official stage lengths, seed 0, and every member's twin
         predecessor, keys = add(alone(family[0], L, 0)), [f"{family[0]}-{L}"]
         for size, epochs in zip(family[1:], recipe.official_epochs(len(family))[1:]):
-            predecessor = add(grown(size, round(L * epochs / E), predecessor))
+            predecessor = add(grown(size, round(L * epochs / E), predecessor, family[0]))
             keys.append(key(predecessor.name))
             add(alone(size, L, 0))
         parts["family"].append(keys)
@@ -157,19 +166,49 @@ def key(name):
     return name.split("/", 1)[1]
 
 
+def grown_job(size, steps, predecessor, first, **kw):
+    """`size` grown from the job `predecessor` and distilled towards it for `steps` steps, with the default grown
+    recipe (recipe.py: the peak lr scaled by the width ratio to the chain's `first` size, the weight average
+    delivered) and a curve: evaluated at step 0 and every tenth of the stage."""
+    return Job(f"s{predecessor.seed}/{size}-after-{key(predecessor.name)}-{steps}", size, steps, predecessor.seed,
+               start=predecessor.name, teacher=predecessor.name, ema=recipe.EMA_FRACTION,
+               lr=recipe.grown_lr(recipe.SYNTHETIC_LR, shape(first), shape(size)), eval_steps=max(1, steps // 10), **kw)
+
+
+# the grown recipes (what changes from the default): results/growth-dip.md and part 3 of the study compare them
+RECIPES = {"official": dict(lr=recipe.SYNTHETIC_LR, ema=0.0),  # the paper's: the first stage's peak lr, last weights
+           "no-average": dict(ema=0.0), "unscaled-lr": dict(lr=recipe.SYNTHETIC_LR)}
+RECIPE_LABELS = {"scaled": "scaled lr + weight average (the default)",
+                 "official": "the official recipe (the first stage's lr, the last weights)",
+                 "no-average": "scaled lr, the last weights", "unscaled-lr": "the first stage's lr + weight average"}
+OLD_LR = 1e-3  # the previous recipe's peak lr of every stage (the official one), kept for comparison
+
+
+def old_recipe(job):
+    """The job as the previous recipe ran it: every stage at peak lr 1e-3, the official grown stage."""
+    changes = dict(name=old_recipe_name(job.name), lr=OLD_LR, ema=0.0)
+    if job.start:
+        changes.update(start=old_recipe_name(job.start), teacher=old_recipe_name(job.teacher))
+    return replace(job, **changes)
+
+
+def old_recipe_name(name):
+    return f"{name}-lr1e-3"
+
+
 def ablations(steps):
-    """(tag, what changes from the method) for part 3; the method is lossless growth + FD (alpha 500), lr 1e-3."""
+    """(tag, what changes from the method) for part 3; the method is lossless growth + FD (alpha 500), default recipe."""
     return [("growth-only", dict(teacher="")), ("fd-only", dict(start="")), ("neither", dict(start="", teacher="")),
             ("inherit", dict(grow_method="inherit")), ("inherit_qkv", dict(grow_method="inherit_qkv")),
-            ("alpha-50", dict(alpha=50.0)), ("alpha-5000", dict(alpha=5000.0)), ("lr-3e-4", dict(lr=3e-4)),
-            ("lr-3e-3", dict(lr=3e-3)), (f"warmup-{steps // 8}", dict(warmup=steps // 8)),
-            (f"warmup-{steps // 2}", dict(warmup=steps // 2))]
+            ("alpha-50", dict(alpha=50.0)), ("alpha-5000", dict(alpha=5000.0)), *RECIPES.items(),
+            (f"warmup-{steps // 8}", dict(warmup=steps // 8)), (f"warmup-{steps // 2}", dict(warmup=steps // 2))]
 
 
 ABLATION_LABELS = {"growth-only": "growth only (no FD)", "fd-only": "FD only (fresh init + FD)",
                    "neither": "neither (fresh init, no FD)", "inherit": "the official operator (inherit) + FD",
                    "inherit_qkv": "inherit_qkv + FD", "alpha-50": "alpha 50", "alpha-5000": "alpha 5000",
-                   "lr-3e-4": "peak lr 3e-4", "lr-3e-3": "peak lr 3e-3"}
+                   "old-recipe": f"the previous recipe: peak lr {OLD_LR:g} for both stages, official grown stage",
+                   **RECIPE_LABELS}
 
 
 def shape(size):
@@ -185,7 +224,8 @@ def run_job(job, config, root):
     """Train one job (in a worker process, one thread)."""
     torch.set_num_threads(1)
     settings = train.Settings(steps=job.steps, batch_size=config.batch_size, seed=job.seed, lr=job.lr,
-                              warmup=job.warmup, device=config.device, eval_every=0, log_every=max(1, job.steps // 10),
+                              warmup=job.warmup, ema=job.ema, device=config.device, eval_every=0,
+                              eval_steps=job.eval_steps, log_every=max(1, job.steps // 10),
                               save_every=max(1, job.steps // 4))
     stage = chain.Stage(job.size, shape(job.size), settings, job.steps * config.batch_size,
                         os.path.join(root, job.name), job.name)
@@ -336,6 +376,42 @@ def ablation_part(config, jobs, parts, results):
     return header + md, summary
 
 
+def curve(root, job):
+    """The job's evaluations as {fraction of the stage: {metric: %}}, step 0 (the grown, untrained model) included."""
+    rows = [json.loads(line) for line in open(os.path.join(root, job.name, "metrics.jsonl"))]
+    return {r["step"] / job.steps: {m: measure(r, m) for m in METRICS} for r in rows if "zeroshot_top1" in r}
+
+
+def dip(root, job, results):
+    """Per metric, the grown job against its predecessor's final score (points): at its end, and at its lowest
+    evaluation point."""
+    before = {m: measure(results[job.start], m) for m in METRICS}
+    points = curve(root, job)
+    return {m: dict(end=measure(results[job.name], m) - before[m],
+                    lowest=min(p[m] for p in points.values()) - before[m]) for m in METRICS}
+
+
+def dip_part(config, jobs, results, root):
+    """Part 4: every grown stage's curve against its predecessor: the end and the lowest point, mean over seeds."""
+    grown_keys = sorted({key(n) for n, j in jobs.items() if j.start and j.teacher == j.start and j.eval_steps},
+                        key=lambda k: (jobs[seeds_of(jobs, k)[0]].size, jobs[seeds_of(jobs, k)[0]].steps, k))
+    md, summary = [], {}
+    for k in grown_keys:
+        names = seeds_of(jobs, k)
+        d = [dip(root, jobs[n], results) for n in names]
+        summary[k] = {m: dict(end=[x[m]["end"] for x in d], lowest=[x[m]["lowest"] for x in d]) for m in METRICS}
+        md.append(f"| {k} | {len(names)} | " + " | ".join(
+            f"{statistics.mean(summary[k][m]['end']):+.1f} | {min(summary[k][m]['lowest']):+.1f}" for m in METRICS)
+            + " |")
+    worst = min(((v[m]["lowest"][i], k, m) for k, v in summary.items() for m in METRICS
+                 for i in range(len(v[m]["lowest"]))), default=None)
+    header = ["| grown stage | seeds | " + " | ".join(f"{label}: end, mean | lowest point" for label in METRICS.values())
+              + " |", "| --- | ---: |" + " ---: | ---: |" * len(METRICS)]
+    tail = ["", f"Lowest evaluation point of any grown stage: {worst[0]:+.1f} points ({worst[1]}, {METRICS[worst[2]]})."
+            if worst else ""]
+    return header + md + tail, summary
+
+
 def cc3m_ledger():
     """The totals of the official CC3M chain's ledger, as chain.py --dry-run prints them."""
     cc3m = dict(data="cc3m.csv", num_samples=recipe.CC3M_SAMPLES, batch_size=recipe.OFFICIAL_BATCH,
@@ -346,7 +422,7 @@ def cc3m_ledger():
     return ledger.ledger([st.cfg for st in stages], [st.samples for st in stages], recipe.OFFICIAL_CAPTIONS)[1]
 
 
-def report(config, jobs, parts, root, out):
+def report(config, jobs, parts, root, out, argv=None, conditions=""):
     results = {n: runtime.load_json(os.path.join(root, n, chain.RESULT), "study result") for n in jobs
                if os.path.exists(os.path.join(root, n, chain.RESULT))}
     missing = [n for n in jobs if n not in results]
@@ -356,18 +432,23 @@ def report(config, jobs, parts, root, out):
     cost_md, cost = cost_part(config, jobs, parts, results, out)
     family_md, family = family_part(config, jobs, parts, results)
     ablation_md, ablation = ablation_part(config, jobs, parts, results)
+    dip_md, dips = dip_part(config, jobs, results, root)
     cc3m = cc3m_ledger()
-    summary = dict(config=asdict(config), cost=cost, family=family, ablation=ablation, cc3m_ledger=cc3m,
-                   results=results, git=runtime.git_hash())
+    summary = dict(config=asdict(config), cost=cost, family=family, ablation=ablation, after_growth=dips,
+                   cc3m_ledger=cc3m, results=results, git=runtime.git_hash())
     runtime.save_json(summary, os.path.join(out, f"study-{config_name}.json"))
-    md = [f"# Study ({config_name} configuration)", "", f"First stage {config.first_steps} steps of "
-          f"{config.batch_size}; seeds {list(config.seeds)}; {len(jobs)} trainings.", "",
+    md = [f"# Study ({config_name} configuration)", "", *header(command(None if argv is None else ["benchmarks/study.py", *argv]), conditions), "",
+          f"First stage {config.first_steps} steps of {config.batch_size} at peak lr {recipe.SYNTHETIC_LR:g}; grown "
+          "stages: the default recipe (recipe.py); seeds "
+          f"{list(config.seeds)}; {len(jobs)} trainings, one thread each.", "",
           "## 1. Accuracy against cost", "", *cost_md, "", "## 2. Family size (seed 0)", "", *family_md, "",
           f"## 3. Ablations of the first grown stage (mean of seeds {list(config.ablation_seeds)})", "", *ablation_md,
           "", "## 4. The official CC3M chain's ledger", "",
           f"{CC3M_CHAIN.replace(',', ' -> ')}, {'/'.join(map(str, recipe.OFFICIAL_EPOCHS))} epochs, "
           f"{recipe.OFFICIAL_CAPTIONS} captions: {cc3m['speedup']:.2f}x cheaper than "
-          f"the four alone, {100 * cc3m['saving_vs_largest']:.1f}% cheaper than large alone.", ""]
+          f"the four alone, {100 * cc3m['saving_vs_largest']:.1f}% cheaper than large alone.", "",
+          "## 5. After growth: each grown stage against its predecessor (points; evaluated at step 0 and every "
+          "tenth of the stage)", "", *dip_md, ""]
     runtime.save_text("\n".join(md), os.path.join(out, f"study-{config_name}.md"))
     print("\n".join(md))
 
@@ -380,6 +461,7 @@ def main(argv=None):
     p.add_argument("--runs", default="runs/study", help="where the trainings go (resumed on a rerun)")
     p.add_argument("--out", default="results", help="where the report, its JSON and the figures go")
     p.add_argument("--report", action="store_true", help="only rewrite the report from finished trainings")
+    p.add_argument("--conditions", default="idle machine", help="what else ran beside it, for the report's header")
     args = p.parse_args(argv)
     config_name, config = args.config, CONFIGS[args.config]
     root = os.path.join(args.runs, args.config)
@@ -389,7 +471,7 @@ def main(argv=None):
         if not args.report:
             print(f"{len(jobs)} trainings into {root}, {args.workers} at a time", flush=True)
             run_all(jobs, config, root, args.workers)
-        report(config, jobs, parts, root, args.out)
+        report(config, jobs, parts, root, args.out, argv, args.conditions)
     except runtime.USER_ERRORS as e:
         runtime.exit_with(e)
 

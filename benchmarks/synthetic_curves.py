@@ -3,9 +3,10 @@ Learning curves on the synthetic set: train one model alone with train.py's reci
 it knows: zero-shot top-1/top-5, retrieval R@1 both ways, and a linear probe per attribute on its frozen image
 features (what the image tower has learned, whether or not the captions made the model use it).
 
-The recipe is train.py's own (train.Objective and train_step, recipe.make_optimizer and lr_at: AdamW lr 1e-3, wd 0.1, warmup 100,
-cosine over the run, grad clip 1, train.py's precision for the device) on synthetic.TrainData at the set's data shape (synthetic.py:
-image size, patch, context, byte tokenizer). Prints a table; writes OUT/SIZE.json.
+The recipe is train.py's own (train.Objective and train_step, recipe.make_optimizer and lr_at: the synthetic recipe
+of recipe.py, grad clip 1, train.py's precision for the device) on synthetic.TrainData at the set's data shape
+(synthetic.py: image size, patch, context, byte tokenizer). Prints a table; writes results/synthetic-curves-SIZE.md
+(with --set: results/synthetic-curves-SIZE-NAME=VALUE.md) and OUT/SIZE.json.
 
     python benchmarks/synthetic_curves.py --size cpu-tiny --steps 1000 --eval-every 250     # about a minute, 1 thread
     python benchmarks/synthetic_curves.py --size cpu-base --steps 5000 --eval-every 1000
@@ -27,6 +28,7 @@ import synthetic  # noqa: E402
 import tokenizer as tokenizers  # noqa: E402
 import train  # noqa: E402
 import vit  # noqa: E402
+from results import command, header  # noqa: E402
 
 
 def measure(model, eval_sets, device, precision):
@@ -103,6 +105,8 @@ def main():
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--precision", default="", help="fp32, bf16 or fp16 autocast (default: train.py's for the device)")
     parser.add_argument("--out", default="runs/synthetic_curves", help="output folder of SIZE.json")
+    parser.add_argument("--results", default="results", help="where synthetic-curves-SIZE.md goes")
+    parser.add_argument("--conditions", default="idle machine", help="what else ran beside it, for the header")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="another design of the set: a constant of synthetic.py, e.g. TILTED=0 or TWO_OBJECTS=0.5")
     args = parser.parse_args()
@@ -117,6 +121,12 @@ def main():
                   device=args.device, precision=args.precision)
     print(f"\n{args.size}, batch {args.batch_size}, {args.threads} thread(s), {time.time() - t0:.0f} s in all\n")
     print(table(args.size, records))
+    design = "".join(f"-{a}" for a in args.set)
+    md = [f"# Learning curves on the synthetic set: {args.size}{' (' + ', '.join(args.set) + ')' if args.set else ''}",
+          "", *header(command(), args.conditions), "", f"Batch {args.batch_size}, peak lr {args.lr:g}, warmup "
+          f"{args.warmup}, {args.threads} thread(s), {time.time() - t0:.0f} s in all.", "", table(args.size, records), ""]
+    os.makedirs(args.results, exist_ok=True)
+    runtime.save_text("\n".join(md), os.path.join(args.results, f"synthetic-curves-{args.size}{design}.md"))
     os.makedirs(args.out, exist_ok=True)
     runtime.save_json({"args": vars(args), "torch": torch.__version__, "records": records},
                       os.path.join(args.out, f"{args.size}.json"))

@@ -1,0 +1,87 @@
+"""
+The main command, `python chain.py --sizes tiny,small,base`, run as a user runs it, for several seeds: the wall time
+of each run and every stage's zero-shot top-1 and retrieval R@1, with the mean and the min-max over the seeds, and
+whether each grown model ends at or above its predecessor in every seed (the method's claim, on one machine).
+
+    python benchmarks/main_command.py               # seeds 0, 1, 2: about half an hour on 2 idle cores
+
+Writes results/main-command.md and results/main-command.json. Each run goes to runs/main-command/s<seed> and a rerun
+resumes or reuses it (its wall time is then the recorded one).
+"""
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+import runtime  # noqa: E402
+from results import command, header  # noqa: E402
+
+SIZES = "tiny,small,base"
+METRICS = {"zeroshot_top1": "zero-shot top-1", "retrieval_R1": "retrieval R@1 (mean of both ways)"}
+
+
+def run(seed, runs, extra):
+    """One main command (in its own process, as a user runs it); its report.json and wall time in seconds."""
+    out = os.path.join(runs, f"s{seed}")
+    argv = [sys.executable, os.path.join(HERE, "..", "chain.py"), "--sizes", SIZES, "--seed", str(seed), "--out", out,
+            *extra]
+    timing = os.path.join(out, "wall_time.json")
+    if not os.path.exists(timing):
+        t0 = time.time()
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+        runtime.save_json({"wall_time_s": time.time() - t0}, timing)
+    return runtime.load_json(os.path.join(out, "report.json"), "chain report"), runtime.load_json(timing, "timing")
+
+
+def values(stage):
+    return {"zeroshot_top1": 100 * stage["zeroshot_top1"], "retrieval_R1": 50 * (stage["i2t_R@1"] + stage["t2i_R@1"])}
+
+
+def main(argv=None):
+    p = runtime.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
+    p.add_argument("--runs", default="runs/main-command", help="where the chains go (reused on a rerun)")
+    p.add_argument("--out", default="results", help="where main-command.md / .json go")
+    p.add_argument("--conditions", default="idle machine", help="what else ran beside the measurement")
+    args, extra = p.parse_known_args(argv)  # anything else goes to chain.py
+    seeds = [int(s) for s in args.seeds.split(",")]
+    reports = {s: run(s, args.runs, extra) for s in seeds}
+    sizes = SIZES.split(",")
+    table = {s: [values(st) for st in rep["stages"]] for s, (rep, _) in reports.items()}
+    walls = [t["wall_time_s"] for _, t in reports.values()]
+    gains = {s: [{m: rows[i][m] - rows[i - 1][m] for m in METRICS} for i in range(1, len(sizes))]
+             for s, rows in table.items()}
+    holds = all(g[m] >= 0 for gs in gains.values() for g in gs for m in METRICS)
+    md = [f"# The main command: `python chain.py --sizes {SIZES}`{' ' + ' '.join(extra) if extra else ''}", "",
+          *header(command(argv and ["benchmarks/main_command.py", *argv]), args.conditions), "",
+          f"Seeds {seeds}; wall time per run {statistics.mean(walls):.0f} s (min {min(walls):.0f}, max "
+          f"{max(walls):.0f}), the evaluations included.", "",
+          "| stage | size | " + " | ".join(f"{label}: mean (min-max)" for label in METRICS.values()) + " |",
+          "| --- | --- |" + " --- |" * len(METRICS)]
+    for i, size in enumerate(sizes):
+        cells = []
+        for m in METRICS:
+            v = [table[s][i][m] for s in seeds]
+            cells.append(f"{statistics.mean(v):.1f} ({min(v):.1f}-{max(v):.1f})")
+        md.append(f"| {i + 1} | {size} | " + " | ".join(cells) + " |")
+    md += ["", "Each grown model minus its predecessor, per seed (points):", "",
+           "| seed | " + " | ".join(f"{b} - {a}: {label}" for a, b in zip(sizes, sizes[1:]) for label in METRICS.values())
+           + " |", "| --- |" + " ---: |" * (len(sizes) - 1) * len(METRICS)]
+    for s in seeds:
+        md.append(f"| {s} | " + " | ".join(f"{g[m]:+.1f}" for g in gains[s] for m in METRICS) + " |")
+    md += ["", f"Every grown model at or above its predecessor on both metrics in every seed: **{'yes' if holds else 'no'}**.",
+           ""]
+    os.makedirs(args.out, exist_ok=True)
+    runtime.save_json(dict(seeds=seeds, wall_time_s=walls, metrics=table, gains=gains, holds=holds,
+                           reports={s: rep for s, (rep, _) in reports.items()}),
+                      os.path.join(args.out, "main-command.json"))
+    runtime.save_text("\n".join(md), os.path.join(args.out, "main-command.md"))
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
