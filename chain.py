@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import data
 import evaluate
+import flags
 import grow
 import interop
 import ledger
@@ -35,15 +36,15 @@ import train
 import vit
 
 RESULT = "result.json"  # a finished stage's metrics, beside train.py's files
-PER_STAGE = ("epochs", "steps", "warmup", "lr", "ema", "resume")  # train.Settings fields the chain sets per stage
-RUNTIME = train.FREE_ON_RESUME + ("workers",)  # free on resume (train.resume refuses the workers of tar shards)
+PER_STAGE = ("epochs", "steps", "warmup", "lr", "ema", "resume")  # flags.Settings fields the chain sets per stage
+RUNTIME = flags.FREE_ON_RESUME + ("workers",)  # free on resume (train.resume refuses the workers of tar shards)
 
 
 @dataclass
 class Stage:
     size: str
     cfg: vit.CLIPConfig
-    settings: train.Settings  # this stage's schedule
+    settings: flags.Settings  # this stage's schedule
     samples: int  # image-text pairs it will see
     dir: str  # its output folder
     label: str  # how it starts, for the console
@@ -160,7 +161,7 @@ def schedule(args, settings, cfgs):
 def plan(args, settings, like=None):
     """One Stage per size. like: the config of --init-from / --teacher, whose data shape is then the default."""
     sizes = parse_sizes(args.sizes)
-    cfgs = [train.model_config(size, args, like) for size in sizes]
+    cfgs = [flags.model_config(size, args, like) for size in sizes]
     stages = []
     for i, (size, cfg, when) in enumerate(zip(sizes, cfgs, schedule(args, settings, cfgs))):
         start = (f"grown from {sizes[i - 1]} ({args.grow_method}) + FD" if i else
@@ -169,7 +170,7 @@ def plan(args, settings, like=None):
         samples = when["steps"] * settings.batch_size * runtime.world_size()  # the global batch's
         stage = Stage(size, cfg, replace(settings, **when), samples,
                       os.path.join(args.out, f"{i + 1}-{size}"), f"stage {i + 1}/{len(sizes)}: {size}, {start}")
-        train.check_settings(stage.settings)  # a bad value stops the run before any stage trains
+        flags.check_settings(stage.settings)  # a bad value stops the run before any stage trains
         stages.append(stage)
     return stages
 
@@ -229,18 +230,18 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true", help="print the cost ledger this command would report, and "
                    "exit; no data is read (a real source needs --num-samples), and the models are those of --data "
                    "(synthetic: the byte tokenizer; the paper's CLIP-vocabulary models: add --tokenizer clip-bpe)")
-    train.add_model_args(p)  # the data shape; --init-from, --teacher: the first stage's; --grow-method, --alpha: all
-    train.add_settings_args(p, skip=PER_STAGE)  # train.py's flags, for every stage
+    flags.add_model_args(p)  # the data shape; --init-from, --teacher: the first stage's; --grow-method, --alpha: all
+    flags.add_settings_args(p, skip=PER_STAGE)  # train.py's flags, for every stage
     return p.parse_args(argv)
 
 
 @runtime.stops_cleanly(runtime.RERUN_TO_RESUME)  # Ctrl-C, SIGTERM: one line, exit 130 / 143
 def main(argv=None):
     args = parse_args(argv)
-    settings = train.Settings(**{f.name: getattr(args, f.name) for f in fields(train.Settings)
+    settings = flags.Settings(**{f.name: getattr(args, f.name) for f in fields(flags.Settings)
                                  if f.name not in PER_STAGE})
     try:  # every input is checked before anything is written
-        train.check_settings(settings)
+        flags.check_settings(settings)
         runtime.init_distributed(runtime.pick_device(settings.device))  # under torchrun: one process group
         init = interop.load_state_dict_any(args.init_from) if args.init_from else None
         teacher = interop.load_model(args.teacher) if args.teacher else None

@@ -21,7 +21,9 @@ ALLOWED = {**{name: set() for name in CORE},
            "ledger": {"vit"},
            "grow_recipes": {"grow"},  # grow.py in timm and Hugging Face models: torch and grow.py only
            "evaluate": {"vit", "tokenizer", "runtime", "synthetic", "interop", "data", "recipe"}}
-ALLOWED["train"] = ALLOWED["evaluate"] | {"evaluate", "clip_loss", "distill", "grow"}
+# the flags of a run, train.py's and chain.py's: beside evaluate, below train
+ALLOWED["flags"] = ALLOWED["evaluate"] | {"grow", "distill"}
+ALLOWED["train"] = ALLOWED["evaluate"] | {"evaluate", "flags", "clip_loss", "distill", "grow"}
 ALLOWED["chain"] = ALLOWED["train"] | {"train", "ledger"}
 
 
