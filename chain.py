@@ -107,30 +107,6 @@ def run_baselines(stages, out, first_result):
 # the plan: sizes in ascending order, one model config and schedule per stage
 
 
-def parse_sizes(text):
-    sizes = [s.strip() for s in text.split(",") if s.strip()]
-    if not sizes:
-        raise ValueError(f"--sizes {text!r}: name the models in ascending order, e.g. --sizes tiny,small,base")
-    params = {s: vit.count_params(vit.config(s)) for s in sizes}  # unknown size: ValueError naming the valid ones
-    for a, b in zip(sizes, sizes[1:]):
-        if params[b] <= params[a] or any(vit.SIZES[b][k] < v for k, v in vit.SIZES[a].items()):
-            fix = ",".join(sorted(dict.fromkeys(sizes), key=params.get))
-            raise ValueError(f"--sizes must be in ascending order: {b} cannot follow {a} (it is not larger in every "
-                             f"dimension); e.g. --sizes {fix}")
-    return sizes
-
-
-def per_stage(text, n, flag, kind=int):
-    """A comma list with one value per stage, or one value for every stage."""
-    try:
-        values = [kind(v) for v in text.split(",")]
-    except ValueError:
-        raise ValueError(f"{flag} {text}: expected a comma list of {kind.__name__}s, one per stage") from None
-    if len(values) not in (1, n) or min(values) < 0:
-        raise ValueError(f"{flag} {text}: expected one value or {n} (one per size), none negative")
-    return values * n if len(values) == 1 else values
-
-
 def schedule(args, settings, cfgs):
     """Steps, epochs, warmup, peak lr and weight average per stage. By default the official CC3M scripts' lengths
     (recipe.py): the smallest model 128 epochs with 8000 warmup steps, the grown ones 24, 16, 16 (a longer chain
@@ -140,17 +116,17 @@ def schedule(args, settings, cfgs):
     recipe (scaled: grown_lr and an average of the weights; official: the same lr, no average)."""
     n, official = len(cfgs), recipe.official_epochs(len(cfgs))
     if args.steps:
-        steps, epochs = per_stage(args.steps, n, "--steps"), [1] * n
+        steps, epochs = flags.per_stage(args.steps, n, "--steps"), [1] * n
     elif args.epochs or settings.data != "synthetic":
-        epochs = per_stage(args.epochs, n, "--epochs") if args.epochs else official
+        epochs = flags.per_stage(args.epochs, n, "--epochs") if args.epochs else official
         num_samples = settings.num_samples or data.source_size(settings)  # as train.train reads it
         steps = [e * runtime.steps_per_epoch(num_samples, settings.batch_size, runtime.world_size()) for e in epochs]
     else:
         steps, epochs = [round(recipe.SYNTHETIC_FIRST_STEPS * e / official[0]) for e in official], [1] * n
-    warmup = per_stage(args.warmup, n, "--warmup") if args.warmup else [
+    warmup = flags.per_stage(args.warmup, n, "--warmup") if args.warmup else [
         recipe.official_warmup(s, i > 0, e) for i, (s, e) in enumerate(zip(steps, official))]
     scaled = args.grown_recipe == "scaled"
-    lr = per_stage(args.lr, n, "--lr", float) if args.lr else \
+    lr = flags.per_stage(args.lr, n, "--lr", float) if args.lr else \
         [recipe.SYNTHETIC_LR if settings.data == "synthetic" else recipe.OFFICIAL_LR] * n
     if "," not in args.lr:  # one value, the first stage's: the grown stages' follow the grown recipe
         lr = [recipe.grown_lr(lr[0], cfgs[0], c) if scaled and i else lr[0] for i, c in enumerate(cfgs)]
@@ -160,7 +136,7 @@ def schedule(args, settings, cfgs):
 
 def plan(args, settings, like=None):
     """One Stage per size. like: the config of --init-from / --teacher, whose data shape is then the default."""
-    sizes = parse_sizes(args.sizes)
+    sizes = flags.parse_sizes(args.sizes)
     cfgs = [flags.model_config(size, args, like) for size in sizes]
     stages = []
     for i, (size, cfg, when) in enumerate(zip(sizes, cfgs, schedule(args, settings, cfgs))):

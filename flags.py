@@ -136,3 +136,31 @@ def model_config(size, args, like=None):
     default = like.to_dict() if like is not None else data.default_shape(args.data, args.bpe)
     shape = {k: getattr(args, k) or default[k] for k in keys + ("tokenizer",)}
     return vit.config(size, **shape, vocab_size=VOCAB_SIZES[shape["tokenizer"]])
+
+
+# -----------------------------------------------------------------------------
+# chain.py's own: the sizes of a chain, and values given per stage
+
+
+def parse_sizes(text):
+    sizes = [s.strip() for s in text.split(",") if s.strip()]
+    if not sizes:
+        raise ValueError(f"--sizes {text!r}: name the models in ascending order, e.g. --sizes tiny,small,base")
+    params = {s: vit.count_params(vit.config(s)) for s in sizes}  # unknown size: ValueError naming the valid ones
+    for a, b in zip(sizes, sizes[1:]):
+        if params[b] <= params[a] or any(vit.SIZES[b][k] < v for k, v in vit.SIZES[a].items()):
+            fix = ",".join(sorted(dict.fromkeys(sizes), key=params.get))
+            raise ValueError(f"--sizes must be in ascending order: {b} cannot follow {a} (it is not larger in every "
+                             f"dimension); e.g. --sizes {fix}")
+    return sizes
+
+
+def per_stage(text, n, flag, kind=int):
+    """A comma list with one value per stage, or one value for every stage."""
+    try:
+        values = [kind(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag} {text}: expected a comma list of {kind.__name__}s, one per stage") from None
+    if len(values) not in (1, n) or min(values) < 0:
+        raise ValueError(f"{flag} {text}: expected one value or {n} (one per size), none negative")
+    return values * n if len(values) == 1 else values
