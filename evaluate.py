@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 
 import torch
 import torch.nn as nn
@@ -117,11 +118,17 @@ def eval_sets_for(settings, cfg, tokenizer):
 # metrics
 
 
+def top_k(logits, labels, ks=(1, 5)):
+    """Top-k accuracy of logits (N, K) for each k; None (undefined, as in CLIP_benchmark) where k > K classes: every
+    picture would count as right."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=-1).indices  # (N, k)
+    hits = top == labels[:, None]
+    return {k: hits[:, :k].any(dim=-1).float().mean().item() if k <= logits.shape[1] else None for k in ks}
+
+
 def zeroshot_accuracy(image_features, labels, class_features, ks=(1, 5)):
     """Top-k accuracy of normalised image features (N, E) classified by normalised class embeddings (K, E)."""
-    top = (image_features @ class_features.T).topk(min(max(ks), len(class_features)), dim=-1).indices  # (N, k)
-    hits = top == labels[:, None]
-    return {k: hits[:, :k].any(dim=-1).float().mean().item() for k in ks}
+    return top_k(image_features @ class_features.T, labels, ks)
 
 
 def mean_per_class_recall(logits, labels):
@@ -134,8 +141,9 @@ def mean_per_class_recall(logits, labels):
 
 
 def classification_metrics(logits, labels):
-    return {"top1": (logits.argmax(dim=-1) == labels).float().mean().item(),
-            "mean_per_class_recall": mean_per_class_recall(logits, labels)}
+    """top1, top5 (None with fewer than 5 classes) and mean_per_class_recall of logits (N, K)."""
+    top = top_k(logits, labels)
+    return {"top1": top[1], "top5": top[5], "mean_per_class_recall": mean_per_class_recall(logits, labels)}
 
 
 def retrieval_recall(image_features, text_features, text_image, ks=(1, 5, 10)):
@@ -156,10 +164,24 @@ def retrieval_recall(image_features, text_features, text_image, ks=(1, 5, 10)):
 # zero-shot classification and retrieval
 
 
+STAGE_LINES = {"on": False}  # evaluate.py's command line turns on a line per stage in a log (train.py's stays quiet)
+
+
 def progress(batches, desc):
     """A progress bar over `batches` that shows on a terminal once they take more than 3 seconds (its total:
-    len(batches), when they have one)."""
+    len(batches), when they have one); where no bar shows (stderr is a log), the command line prints one line at the
+    end of each stage instead: its pictures and seconds."""
+    if STAGE_LINES["on"] and not sys.stderr.isatty():
+        return _stage_line(batches, desc)
     return tqdm(batches, desc=desc, delay=3, leave=False, disable=None, unit="batch")
+
+
+def _stage_line(batches, desc):
+    start, pictures = time.time(), 0
+    for batch in batches:
+        pictures += len(batch[0])
+        yield batch
+    print(f"evaluate: {desc}: {pictures} pictures in {time.time() - start:.1f} s", file=sys.stderr, flush=True)
 
 
 @torch.no_grad()
@@ -344,6 +366,15 @@ class Classifier(nn.Module):
         return self.head(self.visual(images))  # (B, classes), on the image embedding (before normalisation)
 
 
+def picture_counts(batches, files=None):
+    """The pictures scored and skipped (by kind) in the passes made over `batches`: an EvalBatches read from disk
+    (with the files its ImageFolder `files` left out before reading), or in-memory (images, targets) batches."""
+    if not isinstance(batches, data.EvalBatches):
+        return {"scored": sum(len(images) for images, _ in batches), "skipped": {}}
+    skipped = batches.skipped + (files.skipped if files is not None else Counter())
+    return {"scored": batches.scored, "skipped": dict(sorted(skipped.items()))}
+
+
 def folder_pair(train_dir, test_dir, flag, draft=None):
     """The training and test ImageFolders (data.Files with labels) and the class names, which must be the same."""
     (train_files, names), (test_files, test_names) = (data.image_folder(d, draft, flag) for d in (train_dir, test_dir))
@@ -353,15 +384,34 @@ def folder_pair(train_dir, test_dir, flag, draft=None):
     return train_files, test_files, names
 
 
+# fine-tuning's floor on optimizer steps: a small training split at the default 5 epochs makes too few steps to train
+# the zero-initialised head (1,437 digits at batch 256: 25 steps, 30% top-1; at batch 64 for 10 epochs, 200 steps
+# at lr 1e-3: 71%), so a split that gives fewer than FINETUNE_MIN_STEPS in `epochs` passes gets more passes
+FINETUNE_MIN_STEPS = 200
+
+
+def finetune_epochs(epochs, pictures, batch_size, min_steps=FINETUNE_MIN_STEPS):
+    """The passes fine-tuning makes: `epochs`, or more when they give fewer than min_steps optimizer steps (epochs
+    = 0 stays 0: the initial head)."""
+    steps_per_epoch = math.ceil(pictures / batch_size)
+    return max(epochs, math.ceil(min_steps / steps_per_epoch)) if epochs > 0 else 0
+
+
 def finetune(model, train_folder, test_folder, device, *, epochs=5, lr=1e-4, weight_decay=0.1, batch_size=64,
-             workers=0, seed=0, precision=""):
+             workers=0, seed=0, precision="fp32", min_steps=FINETUNE_MIN_STEPS, pictures=None):
     """Fine-tune a copy of `model`'s image tower with a zero-initialised linear head on an ImageFolder's training
     split (data.train_transform at the model's image size; AdamW, open_clip's parameter groups, 10% warmup, then
-    cosine decay), and return the test split's (data.eval_transform) top1 and mean_per_class_recall. The caller's
-    model is not changed; epochs=0 gives the initial head's figures."""
+    cosine decay) for `epochs` passes, or for as many as make min_steps optimizer steps (finetune_epochs), and return
+    the test split's (data.eval_transform) classification_metrics. The caller's model is not changed; epochs=0 gives
+    the initial head's figures. `pictures`, a dict, receives the pictures scored and skipped of both splits."""
     device = torch.device(device)
     train_files, test_files, names = folder_pair(train_folder, test_folder, "--finetune", model.cfg.image_size)
     items = data.EvalItems(train_files, data.train_transform(model.cfg.image_size))
+    wanted, epochs = epochs, finetune_epochs(epochs, len(items), batch_size, min_steps)
+    if epochs != wanted:
+        print(f"fine-tuning: {len(items)} pictures at batch {batch_size} make {math.ceil(len(items) / batch_size)} "
+              f"steps per epoch; {epochs} epochs instead of {wanted}, for the minimum of {min_steps} steps",
+              file=sys.stderr)
     total_steps = epochs * math.ceil(len(items) / batch_size)
     with torch.random.fork_rng(devices=[]):  # seeded head, order and augmentation; the caller's RNG untouched
         torch.manual_seed(seed)
@@ -381,10 +431,14 @@ def finetune(model, train_folder, test_folder, device, *, epochs=5, lr=1e-4, wei
                 loss.backward()
                 optimizer.step()
                 step += 1
+            if epoch == 0 and pictures is not None:  # every pass reads the same pictures
+                pictures["finetune_train"] = picture_counts(batches, train_files)
     classifier.eval()
     test = data.EvalBatches(data.EvalItems(test_files, data.eval_transform(model.cfg.image_size)), batch_size, workers)
     with torch.no_grad(), runtime.autocast(device, precision):
         logits, labels = zip(*[(classifier(x.to(device)).float().cpu(), y) for x, y in progress(test, "fine-tune test")])
+    if pictures is not None:
+        pictures["finetune_test"] = picture_counts(test, test_files)
     return classification_metrics(torch.cat(logits), torch.cat(labels))
 
 
@@ -392,17 +446,25 @@ def finetune(model, train_folder, test_folder, device, *, epochs=5, lr=1e-4, wei
 # command line: python evaluate.py --model M [tasks]
 
 
+PRECISIONS = ("fp32", "bf16")  # fine-tuning trains too: fp16 would need a GradScaler
+
+
 def parse_args(argv=None):
     p = runtime.ArgumentParser(description="Evaluate a CLIP model: zero-shot, retrieval, linear probe, fine-tuning "
                                 "and synthetic attribute probes. Prints a markdown table, writes JSON.")
     p.add_argument("--model", required=True, help="checkpoint.pt, a run or chain-stage folder, an open_clip local-dir "
                    "or checkpoint file, or an official CoM-PT checkpoint")
-    p.add_argument("--out", default="evaluate.json", help="JSON file of the metrics, the model path and its config")
+    p.add_argument("--out", default="", help="JSON file of the metrics (default: evaluate.json). With --format "
+                   "clip_benchmark, one file per task: {task}, {dataset} and {model} in the name are filled in, as in "
+                   "CLIP_benchmark's --output (default: clip_benchmark_{task}.json)")
+    p.add_argument("--format", default="ours", choices=["ours", "clip_benchmark"], help="ours: one JSON of every "
+                   "metric with the config and the pictures read; clip_benchmark: CLIP_benchmark's layout and metric "
+                   "names, one record per task (dataset, model, pretrained, task, metrics, language)")
     # tasks; none: the synthetic zero-shot and retrieval (models with the byte tokenizer)
     p.add_argument("--zeroshot", default="", help="an ImageFolder <dir>/<class name>/<image>, or synthetic")
     p.add_argument("--retrieval", default="", help="synthetic, a .csv/.tsv, .tar shards or a folder (as train.py's --data)")
     p.add_argument("--linear-probe", default="", metavar="TRAIN_DIR,TEST_DIR", help="two ImageFolders with the same "
-                   "classes: logistic regression on the frozen image features")
+                   "classes: logistic regression on the frozen image features, fitted to convergence")
     p.add_argument("--finetune", default="", metavar="TRAIN_DIR,TEST_DIR", help="two ImageFolders with the same "
                    "classes: the image tower and a linear head trained end to end")
     p.add_argument("--synthetic-probes", action="store_true", help="linear probes of the synthetic set's attributes")
@@ -415,15 +477,23 @@ def parse_args(argv=None):
     p.add_argument("--csv-caption-key", default="title", help="csv/tsv caption column(s), comma-separated")
     p.add_argument("--captions-per-image", type=int, default=1, help="captions per image for --retrieval")
     # fine-tuning
-    p.add_argument("--finetune-epochs", type=int, default=5, help="passes over the training split")
+    p.add_argument("--finetune-epochs", type=int, default=5, help="passes over the training split (more when they "
+                   "make fewer than --finetune-min-steps steps)")
+    p.add_argument("--finetune-min-steps", type=int, default=FINETUNE_MIN_STEPS, help="the fewest optimizer steps: "
+                   "a small split gets ceil(steps / steps per epoch) epochs instead (0: exactly --finetune-epochs)")
+    p.add_argument("--finetune-batch-size", type=int, default=64, help="pictures per fine-tuning step")
     p.add_argument("--finetune-lr", type=float, default=1e-4, help="peak AdamW learning rate")
     p.add_argument("--finetune-wd", type=float, default=0.1, help="AdamW weight decay (not on gains and biases)")
     # runtime
     p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--batch-size", type=int, default=256, help="images per batch (features; fine-tuning: per step)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="fp32 (the references': CLIP_benchmark, "
+                   "open_clip) or bf16 autocast (faster on GPUs and bf16 CPUs; a picture or two may change class)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per batch when computing features")
     p.add_argument("--workers", type=int, default=0, help="data loading processes (0: load in this process)")
     p.add_argument("--seed", type=int, default=0, help="seed of the probes' held-out split and of fine-tuning")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.out = args.out or ("clip_benchmark_{task}.json" if args.format == "clip_benchmark" else "evaluate.json")
+    return args
 
 
 def pair(value, flag):
@@ -433,29 +503,47 @@ def pair(value, flag):
     return dirs
 
 
+def tasks_of(args, cfg):
+    """The tasks asked for, as {task: dataset}; none asked: the synthetic zero-shot and retrieval. One rule says which
+    tasks a model can take: the synthetic captions (zero-shot prompts, retrieval captions) are only for a model with
+    the byte tokenizer, the one train.py uses on the synthetic set; any other model has never read them."""
+    tasks = {"zeroshot": args.zeroshot, "retrieval": args.retrieval, "linear_probe": args.linear_probe,
+             "finetune": args.finetune, "synthetic_probes": "synthetic" if args.synthetic_probes else ""}
+    tasks = {task: dataset for task, dataset in tasks.items() if dataset} or \
+        {"zeroshot": "synthetic", "retrieval": "synthetic"}
+    synthetic_text = [f"--{t} synthetic" for t in ("zeroshot", "retrieval") if tasks.get(t) == "synthetic"]
+    if synthetic_text and cfg.tokenizer != "byte":
+        what = "so no synthetic task" if not any(vars(args)[t] for t in ("zeroshot", "retrieval", "linear_probe",
+                                                                          "finetune", "synthetic_probes")) else \
+            f"and the synthetic captions are for byte-tokenizer models: {' and '.join(synthetic_text)} is refused"
+        raise ValueError(f"--model {args.model} has the {cfg.tokenizer} tokenizer, {what}; give --zeroshot DIR, "
+                         "--retrieval SOURCE, --linear-probe TRAIN_DIR,TEST_DIR or --finetune ...")
+    return tasks
+
+
 def prepare(args, cfg):
     """Every input the flags name, opened and checked before any work: (eval sets for evaluate(), linear-probe
     folders, fine-tuning folders, attribute probe sets), each None or empty when not asked for."""
-    asked = args.zeroshot or args.retrieval or args.linear_probe or args.finetune or args.synthetic_probes
-    if not asked and cfg.tokenizer != "byte":
-        raise ValueError(f"--model {args.model} has the {cfg.tokenizer} tokenizer, so no synthetic task: give "
-                         "--zeroshot DIR, --retrieval SOURCE, --linear-probe TRAIN_DIR,TEST_DIR or --finetune ...")
-    for name in ("batch_size", "captions_per_image", "finetune_epochs"):
+    tasks = tasks_of(args, cfg)
+    for name in ("batch_size", "captions_per_image", "finetune_epochs", "finetune_batch_size"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    needs_text = not (args.linear_probe or args.finetune) or args.zeroshot or args.retrieval or args.synthetic_probes
+    if args.finetune_min_steps < 0:
+        raise ValueError(f"--finetune-min-steps must be 0 or more, got {args.finetune_min_steps}")
+    if args.format == "clip_benchmark" and len(tasks) > 1 and "{task}" not in args.out:
+        raise ValueError(f"--out {args.out}: {len(tasks)} tasks ({', '.join(tasks)}) make one CLIP_benchmark record "
+                         "each; put {task} in the file name, e.g. --out 'results/{dataset}_{task}.json'")
+    needs_text = "zeroshot" in tasks or "retrieval" in tasks
     shape = dict(tokenizer=data.get_tokenizer(cfg.tokenizer, args.bpe or None) if needs_text else None,
                  context_length=cfg.context_length, image_size=cfg.image_size, batch_size=args.batch_size,
                  workers=args.workers, templates=args.templates or None)
-    own = build_eval_sets("synthetic", **shape) if not asked or args.synthetic_probes or \
-        args.zeroshot == "synthetic" else {}  # the synthetic set's
-    sets = {k: own[k] for k in ("zeroshot", "retrieval")} if not asked else {}
-    if args.zeroshot == "synthetic":
-        sets["zeroshot"] = own["zeroshot"]
-    elif args.zeroshot:
+    own = build_eval_sets("synthetic", **shape) if "synthetic" in (tasks.get("zeroshot"), tasks.get("retrieval"),
+                                                                   tasks.get("synthetic_probes")) else {}
+    sets = {task: own[task] for task in ("zeroshot", "retrieval") if tasks.get(task) == "synthetic"}
+    if tasks.get("zeroshot", "synthetic") != "synthetic":
         data.image_folder(args.zeroshot, flag="--zeroshot")  # its errors name this flag
         sets["zeroshot"] = build_eval_sets(None, zeroshot_data=args.zeroshot, **shape)["zeroshot"]
-    if args.retrieval:
+    if tasks.get("retrieval", "synthetic") != "synthetic":
         sets["retrieval"] = build_eval_sets(None, val_data=args.retrieval, data_root=args.data_root or None,
                                             csv_img_key=args.csv_img_key, csv_caption_key=args.csv_caption_key,
                                             captions_per_image=args.captions_per_image, **shape)["retrieval"]
@@ -468,30 +556,86 @@ def prepare(args, cfg):
 
 
 def run(args, model, device, sets, probe, tune, probe_sets):
-    """The metrics of every task asked for, by name."""
-    metrics = evaluate(model, sets, device) if sets else {}
+    """The metrics of every task asked for, by name, and the pictures each read: scored and skipped by kind."""
+    metrics = evaluate(model, sets, device, args.precision) if sets else {}
+    pictures = {task: picture_counts(sets[task]["batches"], getattr(getattr(sets[task]["batches"], "dataset", None),
+                                                                    "source", None))
+                for task in sets}
     if probe:
         train_files, test_files, _ = probe
         transform = data.eval_transform(model.cfg.image_size)  # as CLIP_benchmark: the model's test preprocessing
-        (train_x, train_y), (test_x, test_y) = (
-            image_features(model, data.EvalBatches(data.EvalItems(files, transform), args.batch_size, args.workers),
-                           device, desc=f"{split} features") for split, files in (("train", train_files),
-                                                                                 ("test", test_files)))
+        features = []
+        for split, files in (("train", train_files), ("test", test_files)):
+            batches = data.EvalBatches(data.EvalItems(files, transform), args.batch_size, args.workers)
+            features.append(image_features(model, batches, device, args.precision, f"linear probe, {split} features"))
+            pictures[f"linear_probe_{split}"] = picture_counts(batches, files)
+        (train_x, train_y), (test_x, test_y) = features
         result = linear_probe(train_x, train_y, test_x, test_y, seed=args.seed, device=device)
         metrics.update({f"linear_probe_{k}": v for k, v in result.items()})
     if tune:
         result = finetune(model, *tune, device, epochs=args.finetune_epochs, lr=args.finetune_lr,
-                          weight_decay=args.finetune_wd, batch_size=args.batch_size, workers=args.workers,
-                          seed=args.seed)
+                          weight_decay=args.finetune_wd, batch_size=args.finetune_batch_size, workers=args.workers,
+                          seed=args.seed, precision=args.precision, min_steps=args.finetune_min_steps,
+                          pictures=pictures)
         metrics.update({f"finetune_{k}": v for k, v in result.items()})
     if probe_sets:
-        metrics.update(attribute_probes(model, probe_sets, device, batch_size=args.batch_size, seed=args.seed))
-    return metrics
+        pictures.update({f"synthetic_probes_{split}": {"scored": len(probe_sets[split][0]), "skipped": {}}
+                         for split in ("train", "test")})  # in memory: none to skip
+        metrics.update(attribute_probes(model, probe_sets, device, args.precision, batch_size=args.batch_size,
+                                        seed=args.seed))
+    return metrics, pictures
 
 
 def markdown(metrics):
-    rows = [f"| {k} | {v:g} |" if "weight_decay" in k else f"| {k} | {100 * v:.2f}% |" for k, v in metrics.items()]
-    return "\n".join(["| metric | value |", "| --- | ---: |"] + rows)
+    def cell(k, v):
+        return "undefined" if v is None else f"{v:g}" if "weight_decay" in k else f"{100 * v:.2f}%"
+    return "\n".join(["| metric | value |", "| --- | ---: |"] + [f"| {k} | {cell(k, v)} |" for k, v in metrics.items()])
+
+
+def skipped_line(pictures):
+    """One line naming every picture left out, by task and kind; "" when none was."""
+    parts = [f"{task} {sum(c['skipped'].values())} of {c['scored'] + sum(c['skipped'].values())} (" +
+             ", ".join(f"{kind} {n}" for kind, n in c["skipped"].items()) + ")"
+             for task, c in pictures.items() if c["skipped"]]
+    return "pictures skipped: " + "; ".join(parts) if parts else ""
+
+
+# CLIP_benchmark's names: its task, and its metric name for each of ours (retrieval: "image retrieval" finds the image
+# of a caption, our t2i; "text retrieval" the captions of an image, our i2t). Fine-tuning and the synthetic probes are
+# not CLIP_benchmark tasks: they keep the zero-shot names (acc1, ...) and ours.
+CLIP_BENCHMARK = {
+    "zeroshot": ("zeroshot_classification", {"zeroshot_top1": "acc1", "zeroshot_top5": "acc5",
+                                             "zeroshot_mean_per_class_recall": "mean_per_class_recall"}),
+    "retrieval": ("zeroshot_retrieval", {f"{ours}_R@{k}": f"{theirs}_retrieval_recall@{k}" for k in (1, 5, 10)
+                                         for ours, theirs in (("t2i", "image"), ("i2t", "text"))}),
+    "linear_probe": ("linear_probe", {"linear_probe_top1": "lp_acc1", "linear_probe_top5": "lp_acc5",
+                                      "linear_probe_mean_per_class_recall": "lp_mean_per_class_recall"}),
+    "finetune": ("finetuning", {"finetune_top1": "acc1", "finetune_top5": "acc5",
+                                "finetune_mean_per_class_recall": "mean_per_class_recall"}),
+    "synthetic_probes": ("synthetic_probes", {f"probe_{name}": f"probe_{name}" for name in synthetic.ATTRIBUTES}),
+}
+
+
+def size_name(cfg):
+    """The registered size (vit.SIZES) whose tower shapes `cfg` has, else "custom"."""
+    return next((name for name, shape in vit.SIZES.items() if all(getattr(cfg, k) == v for k, v in shape.items())),
+                "custom")
+
+
+def clip_benchmark_records(args, cfg, tasks, metrics, pictures, device):
+    """{file name: record} in CLIP_benchmark's layout (its cli.py's dump: dataset, model, pretrained, task, metrics,
+    language), one per task, with precision, device and the pictures read added; model is the size, pretrained the
+    checkpoint path."""
+    records = {}
+    for task, dataset in tasks.items():
+        name, keys = CLIP_BENCHMARK[task]
+        slug = dataset.replace("/", "_").strip("_")  # as CLIP_benchmark's {dataset} in --output
+        record = {"dataset": dataset, "model": size_name(cfg), "pretrained": args.model, "task": name,
+                  "metrics": {theirs: metrics[ours] for ours, theirs in keys.items() if ours in metrics},
+                  "language": "en", "precision": args.precision, "device": str(device),
+                  "pictures": {part: c for part, c in pictures.items() if part.startswith(task)}}
+        records[args.out.format(task=name, dataset=slug, model=record["model"])] = record
+    return records
 
 
 @runtime.stops_cleanly("nothing was written; rerun the same command")  # Ctrl-C: one line, exit 130
@@ -503,12 +647,24 @@ def main(argv=None):
             raise ValueError(f"--out {args.out} is a folder; give a file, e.g. {os.path.join(args.out, 'evaluate.json')}")
         runtime.check_out_dir(os.path.dirname(os.path.abspath(args.out)), "--out")
         model = interop.load_model(args.model, device).eval()
-        tasks = prepare(args, model.cfg)
-        metrics = run(args, model, device, *tasks)
+        tasks = tasks_of(args, model.cfg)
+        inputs = prepare(args, model.cfg)
+        STAGE_LINES["on"] = True
+        try:
+            metrics, pictures = run(args, model, device, *inputs)
+        finally:
+            STAGE_LINES["on"] = False
         print(markdown(metrics))
+        if skipped_line(pictures):
+            print(skipped_line(pictures))
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        runtime.save_json({"model": args.model, "config": model.cfg.to_dict(), "metrics": metrics, "args": vars(args),
-                           "git": runtime.git_hash(), "device": str(device)}, args.out)
+        if args.format == "clip_benchmark":
+            for path, record in clip_benchmark_records(args, model.cfg, tasks, metrics, pictures, device).items():
+                runtime.save_json(record, path)
+        else:
+            runtime.save_json({"model": args.model, "config": model.cfg.to_dict(), "tasks": tasks, "metrics": metrics,
+                               "precision": args.precision, "device": str(device), "pictures": pictures,
+                               "args": vars(args), "git": runtime.git_hash()}, args.out)
     except runtime.USER_ERRORS as e:  # one line, no traceback (exit status 2 for bad input)
         runtime.exit_with(e)
     return metrics
