@@ -242,7 +242,7 @@ def test_cli_writes_every_metric_of_probes_and_fine_tuning(tmp_path, monkeypatch
     train_dir, test_dir = image_folder(tmp_path / "train", 6, seed=0), image_folder(tmp_path / "test", 3, seed=1)
     run = tmp_path / "run"
     run.mkdir()
-    model = tiny_model()
+    model = tiny_model(embed_dim=64)  # 64-d features: the probes' fits run to convergence in a blink
     torch.save({"model": model.state_dict(), "config": model.cfg.to_dict()}, run / "checkpoint.pt")
     probes = synthetic.build_eval_sets(data.get_tokenizer("byte"), probe_sizes=(100, 50), retrieval_size=10,
                                        zeroshot_per_class=1)["probes"]  # the synthetic set's, fewer pictures
