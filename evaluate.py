@@ -252,12 +252,16 @@ PROBE_CHANGE_TOL = 1e-10  # relative: a fit that no longer moves
 PROBE_MAX_ITER = 10_000   # 100x scikit-learn's default; the fits here converge in tens to hundreds of iterations
 
 
-def fit_logistic(features, labels, n_classes, weight_decay, start=None, max_iter=PROBE_MAX_ITER):
+def fit_logistic(features, labels, n_classes, weight_decay, start=None, max_iter=PROBE_MAX_ITER, converge=True):
     """Multinomial logistic regression by full-batch L-BFGS, run to convergence (the stopping rule above): mean
     cross-entropy + weight_decay / 2 * |W|^2 (the bias is not decayed), on features standardised with their own mean
     and std. Returns (W (D, K), b (K,)) for the raw features, deterministic (from zeros, or from `start`, an earlier
-    solution on the same features)."""
-    dtype = torch.float32 if features.device.type == "mps" else torch.float64  # MPS has no float64
+    solution on the same features). converge=False: the quick fit of the synthetic attribute probes (fp32, at most
+    100 iterations, gradient tolerance 1e-5), which train.py's final evaluation runs on 4,000 pictures per attribute;
+    run to convergence there, it took minutes instead of seconds."""
+    if not converge:
+        max_iter = 100  # scikit-learn's LogisticRegression default
+    dtype = torch.float32 if features.device.type == "mps" or not converge else torch.float64  # MPS: no float64
     features = features.to(dtype)
     mean, std = features.mean(dim=0), features.std(dim=0) + 1e-6  # + 1e-6: a constant feature divides by no zero
     x = (features - mean) / std  # (N, D)
@@ -271,8 +275,10 @@ def fit_logistic(features, labels, n_classes, weight_decay, start=None, max_iter
         scale = objective().item()  # the starting loss: the change tolerance is relative to it
     # the CLIP paper's solver: L-BFGS; lr 1 is the quasi-Newton step, which the strong-Wolfe line search then scales;
     # 20 past gradients kept (torch's default, 100, costs memory for no gain here)
-    optimizer = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, max_eval=2 * max_iter, history_size=20,
-                                  tolerance_grad=PROBE_GRAD_TOL, tolerance_change=PROBE_CHANGE_TOL * scale,
+    optimizer = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, history_size=20,
+                                  max_eval=2 * max_iter if converge else None,  # None: torch's default, 1.25x
+                                  tolerance_grad=PROBE_GRAD_TOL if converge else 1e-5,
+                                  tolerance_change=PROBE_CHANGE_TOL * scale if converge else 1e-9,
                                   line_search_fn="strong_wolfe")
 
     def loss():  # L-BFGS evaluates it several times per step
@@ -281,7 +287,7 @@ def fit_logistic(features, labels, n_classes, weight_decay, start=None, max_iter
         value.backward()
         return value
     optimizer.step(loss)
-    if optimizer.state[W].get("n_iter", 0) >= max_iter:
+    if converge and optimizer.state[W].get("n_iter", 0) >= max_iter:
         print(f"warning: the linear probe (weight decay {weight_decay:g}) reached its safety cap of {max_iter} L-BFGS "
               "iterations before converging; its figures may be low", file=sys.stderr)
     W, b = W.detach() / std[:, None], b.detach()
@@ -299,10 +305,11 @@ def held_out_split(labels, fraction, seed):
 
 
 def linear_probe(train_features, train_labels, test_features, test_labels, *, weight_decays=WEIGHT_DECAYS,
-                 val_fraction=0.2, seed=0, device="cpu"):
+                 val_fraction=0.2, seed=0, device="cpu", converge=True):
     """Logistic regression on frozen features (N, D) with labels (N,): the weight decay that classifies a held-out
-    `val_fraction` of the training split best (the smallest among ties) is refit on the whole split. Returns the
-    test split's top1 and mean_per_class_recall, and the weight_decay chosen."""
+    `val_fraction` of the training split best (the smallest among ties) is refit on the whole split, each fit run to
+    convergence (converge=False: fit_logistic's quick fits). Returns the test split's classification_metrics (top1,
+    top5, mean_per_class_recall) and the weight_decay chosen."""
     x, y = train_features.float().to(device), train_labels.to(device)
     n_classes = int(max(train_labels.max(), test_labels.max())) + 1
     kept, held = (i.to(device) for i in held_out_split(train_labels.cpu(), val_fraction, seed))
@@ -315,22 +322,23 @@ def linear_probe(train_features, train_labels, test_features, test_labels, *, we
     try:
         best, start = (-1.0, None), None
         for weight_decay in sorted(weight_decays, reverse=True):  # strongest first: each fit starts from the last
-            start = fit_logistic(x[kept], y[kept], n_classes, weight_decay, start)
+            start = fit_logistic(x[kept], y[kept], n_classes, weight_decay, start, converge=converge)
             accuracy = ((x[held] @ start[0] + start[1]).argmax(dim=-1) == y[held]).float().mean().item()
             best = max(best, (accuracy, -weight_decay))  # ties: the smaller weight decay
         weight_decay = -best[1]
-        W, b = fit_logistic(x, y, n_classes, weight_decay)
+        W, b = fit_logistic(x, y, n_classes, weight_decay, converge=converge)
     finally:
         torch.set_num_threads(threads)
     logits = test_features.float().to(device) @ W + b  # (M, K)
     return {**classification_metrics(logits, test_labels.to(device)), "weight_decay": weight_decay}
 
 
-def attribute_probes(model, probe_sets, device, precision="", batch_size=256, **probe_args):
+def attribute_probes(model, probe_sets, device, precision="", batch_size=256, converge=False, **probe_args):
     """Linear-probe top-1 of the frozen image tower for each attribute of the probe sets, as probe_<attribute>:
     {"train": (images [N,3,H,W], {attribute: labels long [N]}), "test": (images [M,3,H,W], {attribute: labels [M]})}.
     A label < 0 (an attribute a picture does not have) leaves that picture out of that attribute's probe, and an
-    attribute no picture has is left out."""
+    attribute no picture has is left out. The fits are fit_logistic's quick ones unless converge=True: a run's own
+    probe figures and `evaluate.py --synthetic-probes` agree, in seconds."""
     names, features = list(probe_sets["train"][1]), []
     for split in ("train", "test"):
         images, labels = probe_sets[split]
@@ -345,7 +353,8 @@ def attribute_probes(model, probe_sets, device, precision="", batch_size=256, **
         fit, test = train_y[:, j] >= 0, test_y[:, j] >= 0
         if not fit.any() or not test.any():  # no picture has it (e.g. relations in a set without two objects)
             continue
-        result = linear_probe(train_x[fit], train_y[fit, j], test_x[test], test_y[test, j], device=device, **probe_args)
+        result = linear_probe(train_x[fit], train_y[fit, j], test_x[test], test_y[test, j], device=device,
+                              converge=converge, **probe_args)
         out[f"probe_{name}"] = result["top1"]
     return out
 

@@ -332,7 +332,8 @@ def evaluate_and_log(model, eval_sets, device, precision, log, step, epoch, chec
                 f"(or evaluate at the end only: --eval-every 0) and rerun the same command to resume")
         raise runtime.EvaluationFailed(f"the evaluation at step {step} failed ({metrics}); {kept}")
     log({"step": step, "epoch": epoch, **metrics}, f"step {step} eval: " + (
-        " ".join(f"{k} {'undefined' if v is None else f'{v:.4f}'}" for k, v in metrics.items()) or "no eval sets (see --zeroshot-data, --val-data)"))
+        " ".join(f"{k} {'undefined' if v is None else f'{v:.4f}'}" for k, v in metrics.items())  # None: top-5 of 4
+        or "no eval sets (see --zeroshot-data, --val-data)"))
     return metrics
 
 
