@@ -6,13 +6,16 @@ interop.py loads (our runs and chain stages, open_clip, the official CoM-PT zoo)
 
 Metrics follow CLIP_benchmark. Zero-shot (Radford et al. 2021): a class embedding is the mean of its normalised
 prompt-template embeddings, renormalised; an image goes to the nearest class by cosine similarity; top-1, top-5 and
-mean per-class recall (balanced accuracy). Retrieval: R@1/5/10 both ways, a query being a hit when any of its
-positives is among the top k. Linear probe: logistic regression on the frozen, L2-normalised image features, its
-weight decay chosen on a held-out 20% of the training split, then refit on the whole split; top-1 and mean per-class
-recall. Deviations from CLIP_benchmark's probe: full-batch L-BFGS on standardised features (the CLIP paper's solver;
-CLIP_benchmark uses AdamW for 10 epochs), one weight decay per decade from 1e-6 to 1e2 (CLIP_benchmark bisects
-further around the best), features kept in memory rather than cached on disk. Fine-tuning (not in CLIP_benchmark):
-the image tower and a zero-initialised linear head on its embedding, AdamW with warmup and cosine decay.
+mean per-class recall (balanced accuracy); top-k is undefined (null) on a task of fewer than k classes. Retrieval:
+R@1/5/10 both ways, a query being a hit when any of its positives is among the top k. Linear probe: logistic
+regression on the frozen, L2-normalised image features, its weight decay chosen on a held-out 20% of the training
+split, then refit on the whole split; top-1, top-5 and mean per-class recall. Deviations from CLIP_benchmark's probe:
+full-batch L-BFGS in float64 on standardised features, run to convergence (the CLIP paper's solver; CLIP_benchmark
+uses AdamW for 10 epochs), one weight decay per decade from 1e-6 to 1e2 (CLIP_benchmark bisects further around the
+best), features kept in memory rather than cached on disk. Fine-tuning (not in CLIP_benchmark): the image tower and a
+zero-initialised linear head on its embedding, AdamW with warmup and cosine decay, at least FINETUNE_MIN_STEPS steps.
+The command line computes in fp32 unless --precision bf16 (train.py evaluates in its run's precision), counts every
+picture it scores or skips, and writes its own JSON or, with --format clip_benchmark, CLIP_benchmark's records.
 """
 
 import copy
