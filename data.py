@@ -165,6 +165,7 @@ class Files:
     def __init__(self, images, captions=None, labels=None, sep=None, draft=None):
         self.images, self.captions = Strings(images), captions and Strings(captions)
         self.labels, self.sep, self.draft = labels, sep, draft
+        self.skipped = Counter()  # files left out before reading, by kind (an ImageFolder's files that are no picture)
 
     def __len__(self):
         return len(self.images)
@@ -566,13 +567,18 @@ def train_data_for(settings, cfg, tokenizer, rank=0, world_size=1, device="cpu")
 
 def image_folder(root, draft=None, flag="--zeroshot-data"):
     """An ImageFolder (root/<class>/<image>) as Files with labels, and its class names. ImageNet's wnid
-    folders (n01440764...) take torchvision's ImageNet category names, and must be all 1000."""
+    folders (n01440764...) take torchvision's ImageNet category names, and must be all 1000. A classification task
+    needs two classes or more. Files whose extension is not a picture's are left out and counted in .skipped
+    (other_file; hidden files such as .DS_Store are not counted)."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{flag} {root}: no such folder")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
     if not classes:
         raise ValueError(f"{flag} {root}: no class folders; lay it out as {root}/<class>/<image> "
                          f"(ImageNet val: run its valprep.sh)")
+    if len(classes) == 1:  # every picture would be right: top-1 100% means nothing
+        raise ValueError(f"{flag} {root}: one class folder ({classes[0]}); a classification task needs at least 2, "
+                         f"laid out as {root}/<class>/<image>")
     if all(re.fullmatch(r"n\d{8}", c) for c in classes):
         if len(classes) != 1000:
             raise ValueError(f"{flag} {root}: {len(classes)} ImageNet wnid folders, ImageNet has 1000 "
@@ -580,15 +586,18 @@ def image_folder(root, draft=None, flag="--zeroshot-data"):
         names = list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])  # in sorted-wnid order
     else:
         names = [c.replace("_", " ") for c in classes]
-    images, labels = [], []
+    images, labels, others = [], [], 0
     for label, c in enumerate(classes):
-        found = sorted(os.path.join(d, f) for d, _, fs in os.walk(os.path.join(root, c)) for f in fs
-                       if f.rpartition(".")[2].lower() in IMAGE_EXTS)
+        files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(root, c)) for f in fs if not f.startswith(".")]
+        found = sorted(f for f in files if f.rpartition(".")[2].lower() in IMAGE_EXTS)
         images += found
         labels += [label] * len(found)
+        others += len(files) - len(found)
     if not images:
         raise ValueError(f"{flag} {root}: no images ({', '.join(IMAGE_EXTS)}) in its class folders")
-    return Files(images, labels=labels, draft=draft), names
+    files = Files(images, labels=labels, draft=draft)
+    files.skipped.update({"other_file": others} if others else {})
+    return files, names
 
 
 class EvalItems(Dataset):
@@ -647,10 +656,12 @@ def _collate_eval(items):
 
 
 class EvalBatches:
-    """Re-iterable (images, targets) batches read from disk at each pass; .skipped counts bad samples."""
+    """Re-iterable (images, targets) batches read from disk at each pass; .scored counts the good samples and
+    .skipped the bad ones by kind."""
 
     def __init__(self, dataset, batch_size, workers):
         self.dataset, self.batch_size, self.workers, self.skipped = dataset, batch_size, workers, Counter()
+        self.scored = 0  # good samples yielded, over every pass
 
     def __len__(self):
         """Batches in one pass (a progress bar's total): fewer if every sample of a batch is bad."""
@@ -662,6 +673,7 @@ class EvalBatches:
                             collate_fn=_collate_eval, generator=torch.Generator())
         for images, targets, kinds in loader if self.workers else _in_process(loader):
             self.skipped.update(kinds)
+            self.scored += len(images)
             if len(images):
                 yield images, targets
 

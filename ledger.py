@@ -48,7 +48,7 @@ def report(stages, ledger_rows, totals, results=None, twins=None):
         return {k: v for k, v in r.items() if k == "wall_time_s" or k.startswith(("zeroshot", "i2t", "t2i", "probe_"))}
 
     def cells(d, keys):
-        return [f"{100 * d[k]:.1f}%" if k in d else "-" for k in keys]
+        return [f"{100 * d[k]:.1f}%" if d.get(k) is not None else "-" for k in keys]  # None: undefined (top-5 of 4)
     rows = [dict(size=st.size, **{k: r[k] for k in ("params", "flops_per_sample", "samples", "train_flops")},
                  **(measured(results[i]) if results else {})) for i, (st, r) in enumerate(zip(stages, ledger_rows))]
     md = ["| stage | size | params | GFLOPs/sample | samples | training FLOPs | wall (s) | zero-shot top-1 | top-5 | "

@@ -275,7 +275,8 @@ def evaluate_and_log(model, eval_sets, device, precision, log, step, epoch, chec
     rank with one line (runtime.EvaluationFailed) that names `checkpoint`, the run's checkpoint path, from which the
     same command resumes: a finished run is then evaluated again without training."""
     def measure():
-        try:
+        try:  # in the run's precision (bf16 on CUDA and bf16 CPUs), unlike evaluate.py's fp32 default: a picture or
+            # two may differ from `python evaluate.py` on the same checkpoint (README, "Evaluation")
             metrics = evaluate.evaluate(model, eval_sets, device, precision)
             if final and "probes" in eval_sets:
                 metrics.update(evaluate.attribute_probes(model, eval_sets["probes"], device, precision))
@@ -292,7 +293,8 @@ def evaluate_and_log(model, eval_sets, device, precision, log, step, epoch, chec
                 f"(or evaluate at the end only: --eval-every 0) and rerun the same command to resume")
         raise runtime.EvaluationFailed(f"the evaluation at step {step} failed ({metrics}); {kept}")
     log({"step": step, "epoch": epoch, **metrics}, f"step {step} eval: " + (
-        " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) or "no eval sets (see --zeroshot-data, --val-data)"))
+        " ".join(f"{k} {'undefined' if v is None else f'{v:.4f}'}" for k, v in metrics.items())  # None: top-5 of 4
+        or "no eval sets (see --zeroshot-data, --val-data)"))
     return metrics
 
 

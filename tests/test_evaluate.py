@@ -124,7 +124,7 @@ def test_evaluate_averages_normalised_templates_and_keeps_caption_order():
     table = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 10.0], [1.0, 0.0]])
     zeroshot = dict(tokens=torch.arange(4).view(2, 2, 1), batches=iter([(torch.tensor([[0.8, 0.6]]), torch.tensor([1]))]))
     assert evaluate.evaluate(Lookup(table), {"zeroshot": zeroshot}, torch.device("cpu")) == \
-        {"zeroshot_top1": 1.0, "zeroshot_top5": 1.0, "zeroshot_mean_per_class_recall": 1.0}
+        {"zeroshot_top1": 1.0, "zeroshot_top5": None, "zeroshot_mean_per_class_recall": 1.0}  # 2 classes: no top-5
     # retrieval: 3 images in 2 batches, 2 captions each (rows i and 3 + i both point at image i)
     table = torch.cat([torch.eye(3), 0.9 * torch.eye(3) + 0.1])
     tokens = torch.stack([torch.arange(3), torch.arange(3, 6)], dim=1)[..., None]  # (3, 2, 1)
@@ -201,10 +201,11 @@ def test_finetune_improves_over_the_initial_head_and_leaves_the_model_alone(tmp_
     train_dir, test_dir = image_folder(tmp_path / "train", 8, seed=0), image_folder(tmp_path / "test", 4, seed=1)
     model = tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    settings = dict(lr=2e-3, batch_size=8, seed=0)
+    settings = dict(lr=2e-3, batch_size=8, seed=0, min_steps=0)  # 4 epochs exactly
     initial = evaluate.finetune(model, train_dir, test_dir, "cpu", epochs=0, **settings)
     tuned = evaluate.finetune(model, train_dir, test_dir, "cpu", epochs=4, **settings)
-    assert initial == {"top1": pytest.approx(1 / 3), "mean_per_class_recall": pytest.approx(1 / 3)}  # zero head: class 0
+    assert initial == {"top1": pytest.approx(1 / 3), "top5": None,  # zero head: class 0; 3 classes: no top-5
+                       "mean_per_class_recall": pytest.approx(1 / 3)}
     assert tuned["top1"] >= 0.9 and tuned["mean_per_class_recall"] >= 0.9
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert evaluate.finetune(model, train_dir, test_dir, "cpu", epochs=4, **settings) == tuned  # seeded
@@ -216,7 +217,8 @@ def test_finetune_improves_over_the_initial_head_and_leaves_the_model_alone(tmp_
 
 def test_cli_on_an_open_clip_export_gives_train_pys_numbers(tmp_path, capsys):
     model = tiny_model()
-    settings = train.Settings(steps=2, batch_size=8, warmup=1, num_samples=16, device="cpu", eval_every=0, probes=0)
+    settings = train.Settings(steps=2, batch_size=8, warmup=1, num_samples=16, device="cpu", eval_every=0, probes=0,
+                              precision="fp32")  # evaluate.py's default; train.py's own is bf16 on a bf16 CPU
     result = train.train(model, settings, str(tmp_path / "run"))
     capsys.readouterr()  # train's output
     export, out = str(tmp_path / "run" / "open_clip"), tmp_path / "eval" / "metrics.json"
@@ -226,6 +228,11 @@ def test_cli_on_an_open_clip_export_gives_train_pys_numbers(tmp_path, capsys):
     assert sorted(metrics) == sorted(keys) and {k: metrics[k] for k in keys} == {k: result[k] for k in keys}
     saved = json.loads(out.read_text())
     assert saved["metrics"] == metrics and saved["model"] == export and saved["config"] == model.cfg.to_dict()
+    assert saved["precision"] == "fp32" and saved["device"] == "cpu"
+    assert saved["tasks"] == {"zeroshot": "synthetic", "retrieval": "synthetic"}
+    assert saved["pictures"] == {"zeroshot": {"scored": synthetic.ZEROSHOT_PER_CLASS * len(synthetic.CLASSNAMES),
+                                              "skipped": {}},
+                                 "retrieval": {"scored": synthetic.RETRIEVAL_SIZE, "skipped": {}}}
     table = capsys.readouterr().out.splitlines()
     assert table[:2] == ["| metric | value |", "| --- | ---: |"] and len(table) == 2 + len(keys)
     assert f"| zeroshot_top1 | {100 * result['zeroshot_top1']:.2f}% |" in table
@@ -235,20 +242,25 @@ def test_cli_writes_every_metric_of_probes_and_fine_tuning(tmp_path, monkeypatch
     train_dir, test_dir = image_folder(tmp_path / "train", 6, seed=0), image_folder(tmp_path / "test", 3, seed=1)
     run = tmp_path / "run"
     run.mkdir()
-    model = tiny_model()
+    model = tiny_model(embed_dim=64)  # 64-d features: the probes' fits run to convergence in a blink
     torch.save({"model": model.state_dict(), "config": model.cfg.to_dict()}, run / "checkpoint.pt")
     probes = synthetic.build_eval_sets(data.get_tokenizer("byte"), probe_sizes=(100, 50), retrieval_size=10,
                                        zeroshot_per_class=1)["probes"]  # the synthetic set's, fewer pictures
     monkeypatch.setattr(evaluate, "build_eval_sets", lambda source, **kw: {"probes": probes})
     out = tmp_path / "eval.json"
     metrics = evaluate.main(["--model", str(run), "--linear-probe", f"{train_dir},{test_dir}", "--finetune",
-                             f"{train_dir},{test_dir}", "--finetune-epochs", "1", "--synthetic-probes", "--out",
-                             str(out), "--device", "cpu", "--batch-size", "8"])
-    assert set(metrics) == {"linear_probe_top1", "linear_probe_mean_per_class_recall", "linear_probe_weight_decay",
-                            "finetune_top1", "finetune_mean_per_class_recall"} | \
-        {f"probe_{name}" for name in synthetic.ATTRIBUTES}
+                             f"{train_dir},{test_dir}", "--finetune-epochs", "1", "--finetune-min-steps", "0",
+                             "--finetune-batch-size", "8", "--synthetic-probes", "--out", str(out), "--device", "cpu"])
+    assert set(metrics) == {"linear_probe_top1", "linear_probe_top5", "linear_probe_mean_per_class_recall",
+                            "linear_probe_weight_decay", "finetune_top1", "finetune_top5",
+                            "finetune_mean_per_class_recall"} | {f"probe_{name}" for name in synthetic.ATTRIBUTES}
+    assert metrics["linear_probe_top5"] is None and metrics["finetune_top5"] is None  # 3 classes
     assert metrics["linear_probe_top1"] == 1.0  # one-colour pictures: even a random tower's features tell them apart
-    assert json.loads(out.read_text())["metrics"] == metrics
+    saved = json.loads(out.read_text())
+    assert saved["metrics"] == metrics
+    assert saved["pictures"] == {f"{task}_{split}": {"scored": n, "skipped": {}} for task, split, n in (
+        ("linear_probe", "train", 18), ("linear_probe", "test", 9), ("finetune", "train", 18), ("finetune", "test", 9),
+        ("synthetic_probes", "train", 100), ("synthetic_probes", "test", 50))}
 
 
 @pytest.mark.parametrize("case,culprit", [
@@ -257,8 +269,13 @@ def test_cli_writes_every_metric_of_probes_and_fine_tuning(tmp_path, monkeypatch
     ("classes differ, fine-tuning", "--finetune"),
     ("empty folder", "no class folders"),
     ("folder without images", "no images"),
+    ("one class", "one class folder (red); a classification task needs at least 2"),
     ("one folder", "TRAIN_DIR,TEST_DIR"),
-    ("bpe model, no task", "--zeroshot DIR"),
+    ("bpe model, no task", "tokenizer, so no synthetic task; give --zeroshot DIR"),
+    ("bpe model, synthetic zero-shot", "--zeroshot synthetic is refused"),
+    ("bpe model, synthetic retrieval", "--retrieval synthetic is refused"),
+    ("clip_benchmark, two tasks, one file", "put {task} in the file name"),
+    ("fp16", "--precision"),
     ("not a number", "--batch-size"),
     ("out is a folder", "is a folder"),
 ])
@@ -266,6 +283,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(case, culprit, tmp_pat
     train_dir, other = image_folder(tmp_path / "train", 1, 0), image_folder(tmp_path / "other", 1, 0, ("red", "cat"))
     (tmp_path / "empty").mkdir()
     (tmp_path / "bare" / "red").mkdir(parents=True)
+    (tmp_path / "bare" / "cat").mkdir()
     bpe = case.startswith("bpe")
     model = tiny_model(vocab_size=49408, tokenizer="clip-bpe") if bpe else tiny_model()
     torch.save({"model": model.state_dict(), "config": model.cfg.to_dict()}, tmp_path / "model.pt")
@@ -276,7 +294,13 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(case, culprit, tmp_pat
             "empty folder": ["--zeroshot", str(tmp_path / "empty")],
             "folder without images": ["--linear-probe", f"{train_dir},{tmp_path / 'bare'}"],
             "one folder": ["--finetune", train_dir],
+            "one class": ["--zeroshot", image_folder(tmp_path / "one_class", 1, 0, ("red",))],
             "bpe model, no task": [],
+            "bpe model, synthetic zero-shot": ["--zeroshot", "synthetic", "--linear-probe", f"{train_dir},{train_dir}"],
+            "bpe model, synthetic retrieval": ["--retrieval", "synthetic"],
+            "clip_benchmark, two tasks, one file": ["--format", "clip_benchmark", "--zeroshot", "synthetic",
+                                                    "--retrieval", "synthetic", "--out", str(tmp_path / "cb.json")],
+            "fp16": ["--precision", "fp16"],
             "not a number": ["--batch-size", "many"],
             "out is a folder": ["--zeroshot", "synthetic", "--out", str(tmp_path)]}[case]
     out = tmp_path / "eval.json"
