@@ -475,11 +475,22 @@ class TrainData:
 # evaluation sets
 
 
+_HELD_OUT = {}  # (seed, split, n, image_size, device) -> (images, attrs): the held-out pictures of one data shape
+
+
 def pictures(seed, split, n, image_size=IMAGE_SIZE, device="cpu"):
-    """Pictures 0..n-1 of a held-out split, unaugmented: (images [n,3,H,W], attrs)."""
-    index = torch.arange(n, device=device)
-    attrs = scene(seed, split, index)
-    return render(attrs, view(seed, 0, index, augment=False), image_size), attrs
+    """Pictures 0..n-1 of a held-out split, unaugmented: (images [n,3,H,W], attrs). Rendered once per process and
+    shape (each chain stage and train.py's checks ask again for the same evaluation sets); the tensors are shared,
+    so callers must not change them in place. Another seed, picture size or device clears the cache."""
+    key = (seed, split, n, image_size, str(torch.device(device)))
+    if any(k[0] != key[0] or k[3:] != key[3:] for k in _HELD_OUT):
+        _HELD_OUT.clear()  # one data shape at a time: at 224 px the probe sets alone hold 0.9 GB
+    if key not in _HELD_OUT:
+        index = torch.arange(n, device=device)
+        attrs = scene(seed, split, index)
+        _HELD_OUT[key] = render(attrs, view(seed, 0, index, augment=False), image_size), attrs
+    images, attrs = _HELD_OUT[key]
+    return images, dict(attrs)
 
 
 def probe_labels(attrs):

@@ -170,7 +170,7 @@ def test_windowed_pictures_are_the_full_frame_pictures_bit_for_bit(threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)  # a group of windows is padded to the thread count: both paths, same bits
     try:
-        for seed, start, n, split in ((0, 0, 1, "train"), (1, 40, 7, "train"), (2, 500, 300, "train"),
+        for seed, start, n, split in ((0, 0, 1, "train"), (1, 40, 7, "train"), (2, 500, 160, "train"),
                                       (3, 0, 64, "zeroshot"), (0, 9, 100, "probe-test")):
             index = torch.arange(start, start + n)
             attrs = synthetic.scene(seed, split, index)
@@ -335,3 +335,23 @@ def test_raw_pixels_do_not_solve_zeroshot():
     (xa, ya), (xb, yb) = labelled("probe-train", 3000), labelled("zeroshot", 640)
     accuracy = (ya[(xb @ xa.T).argmax(1)] == yb).float().mean().item()
     assert 1 / len(synthetic.CLASSNAMES) < accuracy < 0.5, accuracy
+
+
+def test_held_out_pictures_are_rendered_once_per_process_and_score_the_same(monkeypatch):
+    import evaluate  # above synthetic in the import stack: only this test needs it
+    sizes = dict(zeroshot_per_class=1, retrieval_size=24, probe_sizes=(40, 20))
+    synthetic._HELD_OUT.clear()
+    cold = synthetic.build_eval_sets(BYTE, **sizes)
+    calls = []
+    monkeypatch.setattr(synthetic, "render", lambda *a, **k: calls.append(1))  # any render now would be a miss
+    warm = synthetic.build_eval_sets(BYTE, **sizes)
+    assert not calls and warm["probes"]["train"][0] is cold["probes"]["train"][0]
+    monkeypatch.undo()
+    synthetic._HELD_OUT.clear()
+    fresh = synthetic.build_eval_sets(BYTE, **sizes)  # rendered again: the same pictures, the same scores
+    torch.manual_seed(0)
+    model = vit.CLIP(vit.config("cpu-tiny", image_size=32, patch_size=16, context_length=C, vocab_size=259,
+                                tokenizer="byte"))
+    assert evaluate.evaluate(model, warm, "cpu") == evaluate.evaluate(model, fresh, "cpu")
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(warm["retrieval"]["batches"], fresh["retrieval"]["batches"]))
+    synthetic._HELD_OUT.clear()
