@@ -328,12 +328,13 @@ def render(attrs, crop, image_size=IMAGE_SIZE):
     second = (attrs["count"] > 1).nonzero()[:, 0]
     picture = torch.cat([torch.arange(B, device=device), second])  # (N,)
     slot = torch.cat([torch.zeros(B, dtype=torch.long, device=device), torch.ones_like(second)])
-    alpha = torch.zeros(len(picture), image_size ** 2, device=device)  # (N, H W): 0 outside the windows
+    alpha = torch.zeros(len(picture) * image_size ** 2, device=device)  # (N H W,): 0 outside the windows
     for members, where, window in windows(X[picture], Y[picture], (w[picture] / image_size, h[picture] / image_size),
                                           attrs["cx"][picture, slot], attrs["cy"][picture, slot],
                                           attrs["shape"][picture, slot], attrs["radius"][picture, slot],
                                           attrs["angle"][picture, slot], pixel[picture]):
-        alpha[members] = alpha[members].scatter_(1, where, window)  # a repeated shape writes the same values
+        where = where + members[:, None] * image_size ** 2  # into the flat (N H W,)
+        alpha.scatter_(0, where.flatten(), window.flatten())  # a repeated shape writes the same values twice
     alpha = alpha.view(-1, image_size, image_size)  # (N, H, W)
     tint = attrs["tint"].view(B, 2, 3)[picture, slot]
     rgb = t["colours"][attrs["colour"][picture, slot]] + COLOUR_JITTER * (2 * tint - 1)  # (N, 3)
