@@ -254,7 +254,7 @@ def windows(X, Y, step, cx, cy, shape, radius, angle, pixel):
     picture; coverage is 0 outside). Yields (members [n], where [n, h w], alpha [n, h w]): shapes `members` by window
     size (h, w), h w a multiple of 32, and their windows' pixels (flat indices into H W). A group is padded to a
     multiple of the thread count with repeats of its last shape; then every per-pixel op runs whole vectors as on the
-    full picture (the vector and scalar paths of atan2, hypot and addcmul may differ in the last bit)."""
+    full picture (atan2's vector and scalar paths differ in the last bit; the other ops agree)."""
     N, H, W, device = len(cx), Y.shape[1], X.shape[2], cx.device
     p = _tables(device, W)["shapes"][shape]  # (N, 12)
     angle = angle + p[:, 0]
@@ -485,7 +485,7 @@ def pictures(seed, split, n, image_size=IMAGE_SIZE, device="cpu"):
     so callers must not change them in place. Another seed, picture size or device clears the cache."""
     key = (seed, split, n, image_size, str(torch.device(device)))
     if any(k[0] != key[0] or k[3:] != key[3:] for k in _HELD_OUT):
-        _HELD_OUT.clear()  # one data shape at a time: at 224 px the probe sets alone hold 0.9 GB
+        _HELD_OUT.clear()  # one data shape at a time: at 224 px the probe pictures alone hold 3.6 GB
     if key not in _HELD_OUT:
         index = torch.arange(n, device=device)
         attrs = scene(seed, split, index)
