@@ -5,7 +5,8 @@ Not part of the paper, which trains on CC3M (Sec. 4): a stand-in on which a chai
 Pictures of coloured shapes with captions, for training CLIP models without files. Every attribute of picture
 `index` of a split comes from a counter-based hash of (seed, split, index), computed with integer tensor ops, so a
 picture is the same whatever batch it is drawn in, on whatever device, rank or worker. Shapes are rasterised from
-signed distance functions with anti-aliasing, a whole batch at once, and the training augmentation (open_clip's
+signed distance functions with anti-aliasing, a whole batch at once and only in a window around each object
+(bit for bit the full-picture formula: tests/test_synthetic.py), and the training augmentation (open_clip's
 RandomResizedCrop, scale 0.9-1) is folded into the sampling coordinates: the crop is drawn directly, not resampled.
 Captions are assembled from pre-tokenised words with tensor ops.
 
@@ -194,10 +195,22 @@ def scene(seed, split, index):
 # rendering
 
 
+def _reach(n, plane1, plane2):
+    """(k, d): no point farther than k R + d e from a shape's centre lies within e of it by its sdf (R: circumradius;
+    coverage is 0 beyond e = half a pixel). In the folded wedge (angle psi in [0, pi / n] from the tip) the first
+    plane gives rho (a cos psi + b sin psi) < c R + e, and a cos psi + b sin psi >= m, its least value, at an end."""
+    (a, b, c), (a2, b2, c2) = plane1, plane2
+    m = min(a, a * math.cos(math.pi / n) + b * math.sin(math.pi / n))
+    if (a, b, a2, b2) == (1.0, 0.0, 0.0, 1.0):  # the cross's arm, a rectangle: x < c R + e, 0 <= y < c2 R + e
+        return math.hypot(c, c2), math.sqrt(2)  # hypot(cR + e, c2R + e) <= hypot(c, c2) R + hypot(1, 1) e
+    return c / m, 1 / m
+
+
 def _shape_table(device):
-    """SHAPES as rows (turn, 1 / fold, fold, scale, a1, b1, c1, a2, b2, c2): the n-fold symmetry folds the plane into
-    a wedge of angle fold = 2 pi / n around the first tip, where the shape is a1 x + b1 y < c1 and a2 x + b2 y < c2."""
-    rows = [[turn, n / (2 * math.pi), 2 * math.pi / n, scale, *plane1, *plane2]
+    """SHAPES as rows (turn, 1 / fold, fold, scale, a1, b1, c1, a2, b2, c2, k, d): the n-fold symmetry folds the plane
+    into a wedge of angle fold = 2 pi / n around the first tip, where the shape is a1 x + b1 y < c1 and
+    a2 x + b2 y < c2; (k, d): its reach (_reach)."""
+    rows = [[turn, n / (2 * math.pi), 2 * math.pi / n, scale, *plane1, *plane2, *_reach(n, plane1, plane2)]
             for n, turn, scale, plane1, plane2 in SHAPES.values()]
     return torch.tensor(rows, device=device)
 
@@ -205,9 +218,15 @@ def _shape_table(device):
 def coverage(x, y, shape, radius, angle, pixel):
     """Anti-aliased coverage in [0, 1] of shapes seen from sampling offsets x [N, 1, W], y [N, H, 1] to their centres
     (image units); shape, radius, angle, pixel (a pixel's width in image units): [N]. Returns [N, H, W]."""
-    p = _tables(x.device, x.shape[-1])["shapes"][shape][:, :, None, None]  # (N, 10, 1, 1)
-    angle = (angle + p[:, 0, 0, 0])[:, None, None]
-    cos, sin = angle.cos(), angle.sin()
+    p = _tables(x.device, x.shape[-1])["shapes"][shape]  # (N, 12)
+    angle = angle + p[:, 0]
+    return _coverage(x, y, p, angle.cos(), angle.sin(), radius, pixel)
+
+
+def _coverage(x, y, p, cos, sin, radius, pixel):
+    """coverage() given the shapes' rows p [N, 12] of the table and the cos and sin of their turned angles [N]."""
+    p = p[:, :, None, None]  # (N, 12, 1, 1)
+    cos, sin = cos[:, None, None], sin[:, None, None]
     u = x * cos + y * sin  # (N, H, W) in the shape's frame
     v = y * cos - x * sin
     rho = torch.hypot(u, v)
@@ -219,6 +238,45 @@ def coverage(x, y, shape, radius, angle, pixel):
     sdf = torch.maximum(torch.addcmul(c * p[:, 4], s, p[:, 5]).sub_(R * p[:, 6]),
                         torch.addcmul(c * p[:, 7], s, p[:, 8]).sub_(R * p[:, 9]))
     return sdf.mul_(-1 / pixel[:, None, None]).add_(0.5).clamp_(0, 1)
+
+
+def _window(start, step, centre, reach, size):
+    """Along one axis of sampling coordinates start + step (i + 1/2), i < size: the first pixel within `reach` of
+    `centre` and how many are, [N] each (long); a margin of 1e-4 image units against rounding."""
+    first = ((centre - reach - 1e-4 - start) / step - 0.5).ceil().clamp(0, size - 1)
+    last = ((centre + reach + 1e-4 - start) / step - 0.5).floor().clamp(0, size - 1)
+    return first.long(), (last - first + 1).clamp(min=1).long()
+
+
+def windows(X, Y, step, cx, cy, shape, radius, angle, pixel):
+    """coverage() of shapes centred at (cx, cy) [N], seen from sampling coordinates X [N, 1, W], Y [N, H, 1] spaced
+    step = (sx, sy) [N] apart, bit for bit, but only in a window around each shape (about a quarter of a 32 px
+    picture; coverage is 0 outside). Yields (members [n], where [n, h w], alpha [n, h w]): shapes `members` by window
+    size (h, w), h w a multiple of 32, and their windows' pixels (flat indices into H W). A group is padded to a
+    multiple of the thread count with repeats of its last shape; then every per-pixel op runs whole vectors as on the
+    full picture (atan2's vector and scalar paths differ in the last bit; the other ops agree)."""
+    N, H, W, device = len(cx), Y.shape[1], X.shape[2], cx.device
+    p = _tables(device, W)["shapes"][shape]  # (N, 12)
+    angle = angle + p[:, 0]
+    cos, sin = angle.cos(), angle.sin()
+    reach = radius * p[:, 3] * p[:, 10] + 0.5 * pixel * p[:, 11]  # k R + d e (_reach)
+    j0, nx = _window(X[:, 0, 0] - 0.5 * step[0], step[0], cx, reach, W)
+    i0, ny = _window(Y[:, 0, 0] - 0.5 * step[1], step[1], cy, reach, H)
+    wy, wx = (ny + 3) // 4 * 4, (nx + 3) // 4 * 4  # multiples of 4, one of them of 8: a multiple of 32 pixels
+    wx = torch.where((wy % 8 != 0) & (wx % 8 != 0), wx + 4, wx)
+    wy, wx = wy.clamp(max=H), wx.clamp(max=W)
+    i0, j0 = torch.minimum(i0, H - wy), torch.minimum(j0, W - wx)  # the window inside the picture
+    key = wy * (W + 1) + wx
+    for k in key.unique().tolist():
+        h, w = divmod(k, W + 1)
+        members = (key == k).nonzero()[:, 0]
+        members = torch.cat([members, members[-1:].expand(-len(members) % torch.get_num_threads())])
+        rows = i0[members, None] + torch.arange(h, device=device)  # (n, h)
+        cols = j0[members, None] + torch.arange(w, device=device)  # (n, w)
+        x = X[members, 0].gather(1, cols)[:, None, :] - cx[members, None, None]  # (n, 1, w)
+        y = Y[members, :, 0].gather(1, rows)[:, :, None] - cy[members, None, None]  # (n, h, 1)
+        alpha = _coverage(x, y, p[members], cos[members], sin[members], radius[members], pixel[members])  # (n, h, w)
+        yield members, (rows[:, :, None] * W + cols[:, None, :]).flatten(1), alpha.flatten(1)
 
 
 _TABLES = {}
@@ -264,14 +322,20 @@ def render(attrs, crop, image_size=IMAGE_SIZE):
     # a grey level in [0.25, 0.6] and a slope of at most 0.125 per image width, the same along x and y
     grey, slope = 0.25 + 0.35 * background[:, 0, None, None], 0.25 * (background[:, 1, None, None] - 0.5)
     grey = (grey + slope * (X - 0.5)) + slope * (Y - 0.5)  # (B, H, W): a gentle gradient
-    image = torch.addcmul(shift, grey[:, None], scale)  # (B, 3, H, W), normalised
+    # (B, 3, H, W), normalised; shift made whole planes for addcmul's vector path (the same values, faster)
+    image = torch.addcmul(shift.expand(3, image_size, image_size).contiguous(), grey[:, None], scale)
     # the objects: slot 0 of every picture, then slot 1 of the pictures that hold two
     second = (attrs["count"] > 1).nonzero()[:, 0]
     picture = torch.cat([torch.arange(B, device=device), second])  # (N,)
     slot = torch.cat([torch.zeros(B, dtype=torch.long, device=device), torch.ones_like(second)])
-    alpha = coverage(X[picture] - attrs["cx"][picture, slot, None, None],
-                     Y[picture] - attrs["cy"][picture, slot, None, None], attrs["shape"][picture, slot],
-                     attrs["radius"][picture, slot], attrs["angle"][picture, slot], pixel[picture])  # (N, H, W)
+    alpha = torch.zeros(len(picture) * image_size ** 2, device=device)  # (N H W,): 0 outside the windows
+    for members, where, window in windows(X[picture], Y[picture], (w[picture] / image_size, h[picture] / image_size),
+                                          attrs["cx"][picture, slot], attrs["cy"][picture, slot],
+                                          attrs["shape"][picture, slot], attrs["radius"][picture, slot],
+                                          attrs["angle"][picture, slot], pixel[picture]):
+        where = where + members[:, None] * image_size ** 2  # into the flat (N H W,)
+        alpha.scatter_(0, where.flatten(), window.flatten())  # a repeated shape writes the same values twice
+    alpha = alpha.view(-1, image_size, image_size)  # (N, H, W)
     tint = attrs["tint"].view(B, 2, 3)[picture, slot]
     rgb = t["colours"][attrs["colour"][picture, slot]] + COLOUR_JITTER * (2 * tint - 1)  # (N, 3)
     rgb = torch.addcmul(shift, rgb[:, :, None, None], scale)  # (N, 3, 1, 1), normalised
@@ -412,11 +476,22 @@ class TrainData:
 # evaluation sets
 
 
+_HELD_OUT = {}  # (seed, split, n, image_size, device) -> (images, attrs): the held-out pictures of one data shape
+
+
 def pictures(seed, split, n, image_size=IMAGE_SIZE, device="cpu"):
-    """Pictures 0..n-1 of a held-out split, unaugmented: (images [n,3,H,W], attrs)."""
-    index = torch.arange(n, device=device)
-    attrs = scene(seed, split, index)
-    return render(attrs, view(seed, 0, index, augment=False), image_size), attrs
+    """Pictures 0..n-1 of a held-out split, unaugmented: (images [n,3,H,W], attrs). Rendered once per process and
+    shape (each chain stage and train.py's checks ask again for the same evaluation sets); the tensors are shared,
+    so callers must not change them in place. Another seed, picture size or device clears the cache."""
+    key = (seed, split, n, image_size, str(torch.device(device)))
+    if any(k[0] != key[0] or k[3:] != key[3:] for k in _HELD_OUT):
+        _HELD_OUT.clear()  # one data shape at a time: at 224 px the probe pictures alone hold 3.6 GB
+    if key not in _HELD_OUT:
+        index = torch.arange(n, device=device)
+        attrs = scene(seed, split, index)
+        _HELD_OUT[key] = render(attrs, view(seed, 0, index, augment=False), image_size), attrs
+    images, attrs = _HELD_OUT[key]
+    return images, dict(attrs)
 
 
 def probe_labels(attrs):

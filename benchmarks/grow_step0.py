@@ -25,7 +25,7 @@ import runtime  # noqa: E402
 import train  # noqa: E402
 import vit  # noqa: E402
 from clip_loss import clip_loss  # noqa: E402
-from results import command, header  # noqa: E402
+from results import header  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
 parser.add_argument("--small", default="cpu-tiny", help=f"predecessor size: {', '.join(vit.SIZES)}")
@@ -70,7 +70,7 @@ for name, model in models.items():
                      **evaluate.evaluate(model, eval_sets, device, "fp32")}  # fp32: lossless growth is exact
 
 columns = ["clip_loss", "zeroshot_top1", "zeroshot_top5", "i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5"]
-md = [f"# Growth at step 0: {args.small} -> {args.big}", "", *header(command(), args.conditions), "",
+md = [*header(f"Growth at step 0: {args.small} -> {args.big}", args.conditions),
       f"The predecessor trained {args.steps} steps x {args.batch_size} with train.py's recipe (seed {args.seed}); every "
       "model evaluated in fp32 before any training step (the synthetic zero-shot task and 500-picture retrieval; %).",
       "", "| model | CLIP loss | zero-shot top-1 | top-5 | I->T R@1 | R@5 | T->I R@1 | R@5 |",

@@ -108,9 +108,9 @@ def main(argv=None):
     runtime.save_text(line_chart(series, f"{config.sizes[1]} after growth: zero-shot top-1 minus its predecessor's",
                                  "% of the grown stage", "points (mean of seeds, min-max)"),
                       os.path.join(args.out, figure))
-    md = ["# After growth, and the first stage", "", *header(command(None if argv is None else
-                                                               ["benchmarks/growth_dip.py", *argv]), args.conditions),
-          "", f"## 1. The first stage: {config.sizes[0]}, {config.first_steps} steps of {config.batch_size}, warmup "
+    md = [*header("After growth, and the first stage", args.conditions,
+                  command(None if argv is None else ["benchmarks/growth_dip.py", *argv])),
+          f"## 1. The first stage: {config.sizes[0]}, {config.first_steps} steps of {config.batch_size}, warmup "
           f"{recipe.SYNTHETIC_WARMUP}, zero-shot top-1 (%)", "", *first_md, "",
           f"## 2. The first grown stage against its predecessor (points; seeds {list(dip_seeds)}; evaluated at step 0 "
           "and every tenth of the stage)", "", *dip_md, "", f"![curves]({figure})", ""]

@@ -56,8 +56,8 @@ def main(argv=None):
     gains = {s: [{m: rows[i][m] - rows[i - 1][m] for m in METRICS} for i in range(1, len(sizes))]
              for s, rows in table.items()}
     holds = all(g[m] >= 0 for gs in gains.values() for g in gs for m in METRICS)
-    md = [f"# The main command: `python chain.py --sizes {SIZES}`{' ' + ' '.join(extra) if extra else ''}", "",
-          *header(command(argv and ["benchmarks/main_command.py", *argv]), args.conditions), "",
+    md = [*header(f"The main command: `python chain.py --sizes {SIZES}`{' ' + ' '.join(extra) if extra else ''}",
+                  args.conditions, command(argv and ["benchmarks/main_command.py", *argv])),
           f"Seeds {seeds}; wall time per run {statistics.mean(walls):.0f} s (min {min(walls):.0f}, max "
           f"{max(walls):.0f}), the evaluations included.", "",
           "| stage | size | " + " | ".join(f"{label}: mean (min-max)" for label in METRICS.values()) + " |",

@@ -177,8 +177,7 @@ def main():
     rows = [("train.py's final evaluation (brace range)", records[-1])] + [
         (f"evaluate.py --retrieval ({name})", metrics) for name, metrics in scored.items()]
     same = [all(metrics[k] == rows[1][1][k] for k in keys) for _, metrics in rows]
-    lines = ["# The real-data path: trained from shards, scored on every layout", "",
-             *header(" ".join(["python benchmarks/real_data.py", *sys.argv[1:]])), "",
+    lines = [*header("The real-data path: trained from shards, scored on every layout", "idle machine"),
              f"{MAX_PAIRS} distinct pairs (4 shapes x 6 colours x 4 corners, 64 px JPEGs, captions such as "
              f"\"{samples[0][1]}\") as 6 img2dataset shards, a files folder and a CSV. Trained from the shards "
              f"({precision}) in {seconds:.0f} s to a loss of {loss:.3f} by", "", f"    {shown}", "",

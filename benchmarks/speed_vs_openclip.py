@@ -12,7 +12,8 @@ stage); batch 32; random images. Both contenders get the same batches.
 open_clip is not a dependency: run it from an environment that has it, e.g.
     python -m venv --system-site-packages /tmp/oc && /tmp/oc/bin/pip install open_clip_torch
     /tmp/oc/bin/python benchmarks/speed_vs_openclip.py               # ~3 min on 2 CPU cores
-Without open_clip it times ours alone. Run it on an otherwise idle machine: two cores are easily swamped.
+Without open_clip it times ours alone. Run it on an otherwise idle machine: two cores are easily swamped. Writes
+results/speed-vs-openclip.md (--conditions states the machine's load there).
 """
 import argparse
 import math
@@ -22,9 +23,11 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.join(HERE, ".."), HERE]
 import data  # noqa: E402
 import recipe  # noqa: E402
+import results  # noqa: E402
 import runtime  # noqa: E402
 import train  # noqa: E402
 import vit  # noqa: E402
@@ -42,6 +45,9 @@ parser.add_argument("--rounds", type=int, default=4, help="alternating rounds; e
 parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
 parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
 parser.add_argument("--device", default="cpu", help="cpu or cuda")
+parser.add_argument("--conditions", default="not stated (pass --conditions, e.g. 'idle machine')",
+                    help="the machine's state, for the results file")
+parser.add_argument("--out", default="speed-vs-openclip.md", help="results file name under results/")
 args = parser.parse_args()
 if args.threads:
     torch.set_num_threads(args.threads)
@@ -123,11 +129,13 @@ def time_round(step):
     return args.batch_size * args.steps / (time.perf_counter() - t0)
 
 
-print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, CPU capabilities: bf16 matrix "
-      f"{runtime.has_bf16_matmul()}; our default precision: {runtime.default_precision(device)}; "
-      f"open_clip {open_clip.__version__ if open_clip else 'not installed'}")
-print(f"\n| shape ({args.size}, batch {args.batch_size}) | ours | open_clip fp32 | open_clip bf16 autocast | ours / "
-      "open_clip's best |\n| --- | ---: | ---: | ---: | ---: |")
+lines = results.header("Training-step speed against open_clip", args.conditions) + [
+    f"{device}; CPU bf16 matrix instructions: {runtime.has_bf16_matmul()}; our default precision: "
+    f"{runtime.default_precision(device)}; open_clip {open_clip.__version__ if open_clip else 'not installed'}. "
+    f"Samples/s, the best of {args.rounds} alternating rounds of {args.steps} steps per contender.", "",
+    f"| shape ({args.size}, batch {args.batch_size}) | ours | open_clip fp32 | open_clip bf16 autocast | ours / "
+    "open_clip's best |", "| --- | ---: | ---: | ---: | ---: |"]
+print("\n".join(lines))
 for name, (shape, captions) in SHAPES.items():
     cfg = vit.config(args.size, **shape)
     contenders = {"ours": ours(cfg, captions)}
@@ -141,4 +149,6 @@ for name, (shape, captions) in SHAPES.items():
             best[k] = max(best[k], time_round(step))
     theirs_best = max((v for k, v in best.items() if k != "ours"), default=float("nan"))
     cells = [f"{best.get(k, float('nan')):.1f}" for k in ("ours", "fp32", "bf16")]
-    print(f"| {name} | " + " | ".join(cells) + f" | {best['ours'] / theirs_best:.2f}x |", flush=True)
+    lines.append(f"| {name} | " + " | ".join(cells) + f" | {best['ours'] / theirs_best:.2f}x |")
+    print(lines[-1], flush=True)
+print(f"wrote {results.write(args.out, lines)}")

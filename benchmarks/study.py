@@ -437,7 +437,8 @@ def report(config, jobs, parts, root, out, argv=None, conditions=""):
     summary = dict(config=asdict(config), cost=cost, family=family, ablation=ablation, after_growth=dips,
                    cc3m_ledger=cc3m, results=results, git=runtime.git_hash())
     runtime.save_json(summary, os.path.join(out, f"study-{config_name}.json"))
-    md = [f"# Study ({config_name} configuration)", "", *header(command(None if argv is None else ["benchmarks/study.py", *argv]), conditions), "",
+    md = [*header(f"Study ({config_name} configuration)", conditions,
+                  command(None if argv is None else ["benchmarks/study.py", *argv])),
           f"First stage {config.first_steps} steps of {config.batch_size} at peak lr {recipe.SYNTHETIC_LR:g}; grown "
           "stages: the default recipe (recipe.py); seeds "
           f"{list(config.seeds)}; {len(jobs)} trainings, one thread each.", "",

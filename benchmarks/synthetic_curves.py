@@ -28,7 +28,7 @@ import synthetic  # noqa: E402
 import tokenizer as tokenizers  # noqa: E402
 import train  # noqa: E402
 import vit  # noqa: E402
-from results import command, header  # noqa: E402
+from results import header  # noqa: E402
 
 
 def measure(model, eval_sets, device, precision):
@@ -122,8 +122,8 @@ def main():
     print(f"\n{args.size}, batch {args.batch_size}, {args.threads} thread(s), {time.time() - t0:.0f} s in all\n")
     print(table(args.size, records))
     design = "".join(f"-{a}" for a in args.set)
-    md = [f"# Learning curves on the synthetic set: {args.size}{' (' + ', '.join(args.set) + ')' if args.set else ''}",
-          "", *header(command(), args.conditions), "", f"Batch {args.batch_size}, peak lr {args.lr:g}, warmup "
+    md = [*header(f"Learning curves on the synthetic set: {args.size}{' (' + ', '.join(args.set) + ')' if args.set else ''}",
+                  args.conditions), f"Batch {args.batch_size}, peak lr {args.lr:g}, warmup "
           f"{args.warmup}, {args.threads} thread(s), {time.time() - t0:.0f} s in all.", "", table(args.size, records), ""]
     os.makedirs(args.results, exist_ok=True)
     runtime.save_text("\n".join(md), os.path.join(args.results, f"synthetic-curves-{args.size}{design}.md"))

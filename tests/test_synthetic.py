@@ -136,6 +136,52 @@ def test_coverage_integrates_to_the_analytic_area():
             assert alpha.min() >= 0 and alpha.max() <= 1
 
 
+def full_frame_render(attrs, crop, image_size):
+    """synthetic.render as it was before its windows: every shape's coverage over the whole picture (brute force)."""
+    t = synthetic._tables(attrs["cx"].device, image_size)
+    x0, y0, w, h = crop
+    B = len(x0)
+    grid = (torch.arange(image_size) + 0.5) / image_size
+    X = (x0[:, None] + w[:, None] * grid)[:, None, :]
+    Y = (y0[:, None] + h[:, None] * grid)[:, :, None]
+    pixel = (w * h).sqrt() / image_size
+    scale, shift = (1 / t["std"])[:, None, None], (-t["mean"] / t["std"])[:, None, None]
+    background = attrs["background"]
+    grey, slope = 0.25 + 0.35 * background[:, 0, None, None], 0.25 * (background[:, 1, None, None] - 0.5)
+    grey = (grey + slope * (X - 0.5)) + slope * (Y - 0.5)
+    image = torch.addcmul(shift, grey[:, None], scale)
+    second = (attrs["count"] > 1).nonzero()[:, 0]
+    picture = torch.cat([torch.arange(B), second])
+    slot = torch.cat([torch.zeros(B, dtype=torch.long), torch.ones_like(second)])
+    alpha = synthetic.coverage(X[picture] - attrs["cx"][picture, slot, None, None],
+                               Y[picture] - attrs["cy"][picture, slot, None, None], attrs["shape"][picture, slot],
+                               attrs["radius"][picture, slot], attrs["angle"][picture, slot], pixel[picture])
+    tint = attrs["tint"].view(B, 2, 3)[picture, slot]
+    rgb = t["colours"][attrs["colour"][picture, slot]] + synthetic.COLOUR_JITTER * (2 * tint - 1)
+    rgb = torch.addcmul(shift, rgb[:, :, None, None], scale)
+    image = torch.lerp(image, rgb[:B], alpha[:B, None])
+    image[second] = torch.lerp(image[second], rgb[B:], alpha[B:, None])
+    noise = t["noise"][synthetic.pick(background[:, 2], synthetic.NOISE_TILES)]
+    return image.addcmul_(noise[:, None], synthetic.NOISE * scale)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_windowed_pictures_are_the_full_frame_pictures_bit_for_bit(threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # a group of windows is padded to the thread count: both paths, same bits
+    try:
+        for seed, start, n, split in ((0, 0, 1, "train"), (1, 40, 7, "train"), (2, 500, 160, "train"),
+                                      (3, 0, 64, "zeroshot"), (0, 9, 100, "probe-test")):
+            index = torch.arange(start, start + n)
+            attrs = synthetic.scene(seed, split, index)
+            for augment, size in ((True, 32), (False, 32), (True, 48), (True, 64)):
+                crop = synthetic.view(seed, 5, index, augment)
+                assert torch.equal(synthetic.render(attrs, crop, size), full_frame_render(attrs, crop, size)), \
+                    (seed, split, augment, size)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_augmentation_is_a_mild_crop_seeded_per_epoch_and_index():
     index = torch.arange(500)
     x0, y0, w, h = synthetic.view(0, 3, index, augment=True)
@@ -289,3 +335,23 @@ def test_raw_pixels_do_not_solve_zeroshot():
     (xa, ya), (xb, yb) = labelled("probe-train", 3000), labelled("zeroshot", 640)
     accuracy = (ya[(xb @ xa.T).argmax(1)] == yb).float().mean().item()
     assert 1 / len(synthetic.CLASSNAMES) < accuracy < 0.5, accuracy
+
+
+def test_held_out_pictures_are_rendered_once_per_process_and_score_the_same(monkeypatch):
+    import evaluate  # above synthetic in the import stack: only this test needs it
+    sizes = dict(zeroshot_per_class=1, retrieval_size=24, probe_sizes=(40, 20))
+    synthetic._HELD_OUT.clear()
+    cold = synthetic.build_eval_sets(BYTE, **sizes)
+    calls = []
+    monkeypatch.setattr(synthetic, "render", lambda *a, **k: calls.append(1))  # any render now would be a miss
+    warm = synthetic.build_eval_sets(BYTE, **sizes)
+    assert not calls and warm["probes"]["train"][0] is cold["probes"]["train"][0]
+    monkeypatch.undo()
+    synthetic._HELD_OUT.clear()
+    fresh = synthetic.build_eval_sets(BYTE, **sizes)  # rendered again: the same pictures, the same scores
+    torch.manual_seed(0)
+    model = vit.CLIP(vit.config("cpu-tiny", image_size=32, patch_size=16, context_length=C, vocab_size=259,
+                                tokenizer="byte"))
+    assert evaluate.evaluate(model, warm, "cpu") == evaluate.evaluate(model, fresh, "cpu")
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(warm["retrieval"]["batches"], fresh["retrieval"]["batches"]))
+    synthetic._HELD_OUT.clear()
