@@ -22,7 +22,7 @@ from dataclasses import replace
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import study  # noqa: E402  (and the repository's modules, through it)
-from study import METRICS, RECIPE_LABELS, RECIPES, grown_job, key, measure, old_recipe  # noqa: E402
+from study import METRICS, RECIPE_LABELS, RECIPES, grown_job, measure, old_recipe  # noqa: E402
 import recipe  # noqa: E402
 import runtime  # noqa: E402
 from results import command, header  # noqa: E402

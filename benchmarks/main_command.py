@@ -8,7 +8,6 @@ whether each grown model ends at or above its predecessor in every seed (the met
 Writes results/main-command.md and results/main-command.json. Each run goes to runs/main-command/s<seed> and a rerun
 resumes or reuses it (its wall time is then the recorded one).
 """
-import json
 import os
 import statistics
 import subprocess

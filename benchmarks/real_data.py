@@ -22,7 +22,6 @@ import tarfile
 import tempfile
 import time
 
-import torch
 from PIL import Image, ImageDraw
 
 HERE = os.path.dirname(os.path.abspath(__file__))
