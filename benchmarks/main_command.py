@@ -28,12 +28,14 @@ def run(seed, runs, extra):
     out = os.path.join(runs, f"s{seed}")
     argv = [sys.executable, os.path.join(HERE, "..", "chain.py"), "--sizes", SIZES, "--seed", str(seed), "--out", out,
             *extra]
-    timing = os.path.join(out, "wall_time.json")
-    if not os.path.exists(timing):
-        t0 = time.time()
+    timing, report = os.path.join(out, "wall_time.json"), os.path.join(out, "report.json")
+    if not os.path.exists(report):  # a run from scratch is timed; one that resumes or is reused is not
+        fresh, t0 = not os.path.exists(out), time.time()
         subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
-        runtime.save_json({"wall_time_s": time.time() - t0}, timing)
-    return runtime.load_json(os.path.join(out, "report.json"), "chain report"), runtime.load_json(timing, "timing")
+        if fresh:
+            runtime.save_json({"wall_time_s": time.time() - t0}, timing)
+    wall = runtime.load_json(timing, "timing")["wall_time_s"] if os.path.exists(timing) else None
+    return runtime.load_json(report, "chain report"), wall
 
 
 def values(stage):
@@ -51,14 +53,14 @@ def main(argv=None):
     reports = {s: run(s, args.runs, extra) for s in seeds}
     sizes = SIZES.split(",")
     table = {s: [values(st) for st in rep["stages"]] for s, (rep, _) in reports.items()}
-    walls = [t["wall_time_s"] for _, t in reports.values()]
     gains = {s: [{m: rows[i][m] - rows[i - 1][m] for m in METRICS} for i in range(1, len(sizes))]
              for s, rows in table.items()}
     holds = all(g[m] >= 0 for gs in gains.values() for g in gs for m in METRICS)
     md = [*header(f"The main command: `python chain.py --sizes {SIZES}`{' ' + ' '.join(extra) if extra else ''}",
                   args.conditions, command(argv and ["benchmarks/main_command.py", *argv])),
-          f"Seeds {seeds}; wall time per run {statistics.mean(walls):.0f} s (min {min(walls):.0f}, max "
-          f"{max(walls):.0f}), the evaluations included.", "",
+          f"Seeds {seeds}; wall time per run, the evaluations included: " + (
+              ", ".join(f"seed {s} {w:.0f} s" for s, (_, w) in reports.items() if w is not None) or "not timed") +
+          " (a run that was resumed is not timed).", "",
           "| stage | size | " + " | ".join(f"{label}: mean (min-max)" for label in METRICS.values()) + " |",
           "| --- | --- |" + " --- |" * len(METRICS)]
     for i, size in enumerate(sizes):
@@ -75,7 +77,7 @@ def main(argv=None):
     md += ["", f"Every grown model at or above its predecessor on both metrics in every seed: **{'yes' if holds else 'no'}**.",
            ""]
     os.makedirs(args.out, exist_ok=True)
-    runtime.save_json(dict(seeds=seeds, wall_time_s=walls, metrics=table, gains=gains, holds=holds,
+    runtime.save_json(dict(seeds=seeds, wall_time_s={s: w for s, (_, w) in reports.items()}, metrics=table, gains=gains, holds=holds,
                            reports={s: rep for s, (rep, _) in reports.items()}),
                       os.path.join(args.out, "main-command.json"))
     runtime.save_text("\n".join(md), os.path.join(args.out, "main-command.md"))
