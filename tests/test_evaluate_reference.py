@@ -2,7 +2,6 @@
 L2-regularised multinomial logistic regression, CLIP_benchmark's undefined top-k, fine-tuning's step floor, and the
 command line's accounting of pictures, its CLIP_benchmark records and its progress lines in a log."""
 import json
-import os
 
 import pytest
 import torch
@@ -11,15 +10,7 @@ from PIL import Image
 
 import evaluate
 import vit
-from test_evaluate import TINY, image_folder
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from test_evaluate import TINY, image_folder, one_thread  # noqa: F401  (one_thread: the autouse fixture)
 
 
 def newton(x, y, n_classes, weight_decay, steps=60):
