@@ -413,13 +413,14 @@ def dip_part(config, jobs, results, root):
 
 
 def cc3m_ledger():
-    """The totals of the official CC3M chain's ledger, as chain.py --dry-run prints them."""
+    """The official CC3M chain's ledger (the paper's models: CLIP's tokenizer, 224 px, 77 tokens), as chain.py
+    --dry-run prints it: its rows and totals."""
     cc3m = dict(data="cc3m.csv", num_samples=recipe.CC3M_SAMPLES, batch_size=recipe.OFFICIAL_BATCH,
                 captions_per_image=recipe.OFFICIAL_CAPTIONS)
-    args = chain.parse_args(["--sizes", CC3M_CHAIN, "--tokenizer", "byte",
+    args = chain.parse_args(["--sizes", CC3M_CHAIN, "--tokenizer", "clip-bpe",
                              *(f"--{k.replace('_', '-')}={v}" for k, v in cc3m.items())])
     stages = chain.plan(args, train.Settings(**cc3m))
-    return ledger.ledger([st.cfg for st in stages], [st.samples for st in stages], recipe.OFFICIAL_CAPTIONS)[1]
+    return ledger.ledger([st.cfg for st in stages], [st.samples for st in stages], recipe.OFFICIAL_CAPTIONS)
 
 
 def report(config, jobs, parts, root, out, argv=None, conditions=""):
@@ -433,7 +434,7 @@ def report(config, jobs, parts, root, out, argv=None, conditions=""):
     family_md, family = family_part(config, jobs, parts, results)
     ablation_md, ablation = ablation_part(config, jobs, parts, results)
     dip_md, dips = dip_part(config, jobs, results, root)
-    cc3m = cc3m_ledger()
+    cc3m_rows, cc3m = cc3m_ledger()
     summary = dict(config=asdict(config), cost=cost, family=family, ablation=ablation, after_growth=dips,
                    cc3m_ledger=cc3m, results=results, git=runtime.git_hash())
     runtime.save_json(summary, os.path.join(out, f"study-{config_name}.json"))
@@ -447,7 +448,8 @@ def report(config, jobs, parts, root, out, argv=None, conditions=""):
           "", "## 4. The official CC3M chain's ledger", "",
           f"{CC3M_CHAIN.replace(',', ' -> ')}, {'/'.join(map(str, recipe.OFFICIAL_EPOCHS))} epochs, "
           f"{recipe.OFFICIAL_CAPTIONS} captions: {cc3m['speedup']:.2f}x cheaper than "
-          f"the four alone, {100 * cc3m['saving_vs_largest']:.1f}% cheaper than large alone.", "",
+          f"the four alone, {100 * cc3m['saving_vs_largest']:.1f}% cheaper than large alone; parameters " +
+          ", ".join(f"{s} {r['params'] / 1e6:.1f}M" for s, r in zip(CC3M_CHAIN.split(","), cc3m_rows)) + ".", "",
           "## 5. After growth: each grown stage against its predecessor (points; evaluated at step 0 and every "
           "tenth of the stage)", "", *dip_md, ""]
     runtime.save_text("\n".join(md), os.path.join(out, f"study-{config_name}.md"))
