@@ -391,9 +391,12 @@ def dip(root, job, results):
                     lowest=min(p[m] for p in points.values()) - before[m]) for m in METRICS}
 
 
-def dip_part(config, jobs, results, root):
-    """Part 4: every grown stage's curve against its predecessor: the end and the lowest point, mean over seeds."""
-    grown_keys = sorted({key(n) for n, j in jobs.items() if j.start and j.teacher == j.start and j.eval_steps},
+def dip_part(config, jobs, parts, results, root):
+    """Part 5: every grown stage of the default recipe (parts 1 and 2, and part 3's method) against its predecessor:
+    its end and its lowest evaluation point, over seeds."""
+    default = {k for keys in parts["chained"].values() for k in keys} | {k for keys in parts["family"] for k in keys}
+    default |= {k for tag, k in parts["ablation"] if tag == "method"}
+    grown_keys = sorted((k for k in default if jobs[seeds_of(jobs, k)[0]].start),
                         key=lambda k: (jobs[seeds_of(jobs, k)[0]].size, jobs[seeds_of(jobs, k)[0]].steps, k))
     md, summary = [], {}
     for k in grown_keys:
@@ -433,7 +436,7 @@ def report(config, jobs, parts, root, out, argv=None, conditions=""):
     cost_md, cost = cost_part(config, jobs, parts, results, out)
     family_md, family = family_part(config, jobs, parts, results)
     ablation_md, ablation = ablation_part(config, jobs, parts, results)
-    dip_md, dips = dip_part(config, jobs, results, root)
+    dip_md, dips = dip_part(config, jobs, parts, results, root)
     cc3m_rows, cc3m = cc3m_ledger()
     summary = dict(config=asdict(config), cost=cost, family=family, ablation=ablation, after_growth=dips,
                    cc3m_ledger=cc3m, results=results, git=runtime.git_hash())
@@ -450,8 +453,9 @@ def report(config, jobs, parts, root, out, argv=None, conditions=""):
           f"{recipe.OFFICIAL_CAPTIONS} captions: {cc3m['speedup']:.2f}x cheaper than "
           f"the four alone, {100 * cc3m['saving_vs_largest']:.1f}% cheaper than large alone; parameters " +
           ", ".join(f"{s} {r['params'] / 1e6:.1f}M" for s, r in zip(CC3M_CHAIN.split(","), cc3m_rows)) + ".", "",
-          "## 5. After growth: each grown stage against its predecessor (points; evaluated at step 0 and every "
-          "tenth of the stage)", "", *dip_md, ""]
+          "## 5. After growth: each grown stage of the default recipe against its predecessor (points; evaluated at "
+          "step 0 and every tenth of the stage; the other recipes: part 3 and results/growth-dip.md)", "", *dip_md,
+          ""]
     runtime.save_text("\n".join(md), os.path.join(out, f"study-{config_name}.md"))
     print("\n".join(md))
 
