@@ -4,7 +4,7 @@ Weight growth for Chain-of-Models Pre-Training: a trained CLIP's weights -> the 
 CoM-PT (Fan et al., "Chain-of-Models Pre-Training", CVPR 2026, arXiv 2604.12391) trains a model family in
 ascending size and starts every larger model from its trained predecessor: inverse knowledge transfer in the
 parameter space (the paper's weight initialisation, Sec. 3; the feature-space half is distill.py). Two operators on
-open_clip state dicts (no "module." prefix); README, "Growth", has their step-0 measurements.
+open_clip state dicts (no "module." prefix); results/grow-step0-*.md has their step-0 measurements.
 
 method="inherit" is the official code (deep-optimization/CoM-PT, main_kd.py `weight_initialization`), as it
 behaves. Each small tensor is copied into the leading slice of the big model's fresh tensor (scalar: copied;

@@ -37,7 +37,7 @@ def param_groups(model, wd, distill=None):
 
 def make_optimizer(model, lr, wd, device, distill=None):
     """AdamW over param_groups with CLIP's betas and eps."""
-    fused = device.type in ("cuda", "cpu")  # one kernel for all the parameters' updates (README, "Speed")
+    fused = device.type in ("cuda", "cpu")  # one kernel for all the parameters' updates
     return torch.optim.AdamW(param_groups(model, wd, distill), lr=lr, betas=BETAS, eps=EPS, fused=fused)
 
 

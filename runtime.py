@@ -48,7 +48,7 @@ def has_bf16_matmul():
 
 
 def default_precision(device):
-    """bf16 autocast on CUDA and on CPUs with bf16 matrix instructions (faster there: README, "Speed"); fp32
+    """bf16 autocast on CUDA and on CPUs with bf16 matrix instructions (faster there); fp32
     elsewhere. Norms, logits and losses stay fp32 either way."""
     return "bf16" if device.type == "cuda" or device.type == "cpu" and has_bf16_matmul() else "fp32"
 

@@ -276,7 +276,7 @@ def evaluate_and_log(model, eval_sets, device, precision, log, step, epoch, chec
     same command resumes: a finished run is then evaluated again without training."""
     def measure():
         try:  # in the run's precision (bf16 on CUDA and bf16 CPUs), unlike evaluate.py's fp32 default: a picture or
-            # two may differ from `python evaluate.py` on the same checkpoint (README, "Evaluation")
+            # two may differ from `python evaluate.py` on the same checkpoint (README, "Use it")
             metrics = evaluate.evaluate(model, eval_sets, device, precision)
             if final and "probes" in eval_sets:
                 metrics.update(evaluate.attribute_probes(model, eval_sets["probes"], device, precision))

@@ -128,7 +128,7 @@ def attention(q, k, v, causal, use_sdpa=True):
 class Attention(nn.Module):
     # parameter names and layout are nn.MultiheadAttention's (as in open_clip): rows of in_proj are [q; k; v]
     # SDPA on GPUs; on a CPU its fused kernel is slower than the two matmuls for this family's short sequences (17-197
-    # tokens: 1.4-1.5x per bf16 training step, README "Speed"). A class-wide switch: True or False forces a path.
+    # tokens: 1.4-1.5x per bf16 training step on the CPUs measured). A class-wide switch: True or False forces a path.
     use_sdpa = None
 
     def __init__(self, width, heads, causal):
