@@ -236,7 +236,8 @@ def main(argv=None):
         runtime.hold_out_dir(args.out)  # one run at a time in --out, until main returns (the report included)
         check_manifest(args.out, dict(
             sizes=[st.size for st in stages], world_size=runtime.world_size(),  # with batch_size: the global batch
-            grow_method=args.grow_method, grown_recipe=args.grown_recipe, alpha=args.alpha, init_from=args.init_from, teacher=args.teacher,
+            grow_method=args.grow_method, grown_recipe=args.grown_recipe, alpha=args.alpha, init_from=args.init_from,
+            teacher=args.teacher,
             **{k: [getattr(st.settings, k) for st in stages] for k in ("steps", "warmup", "lr", "ema")},
             **{k: v for k, v in asdict(settings).items() if k not in RUNTIME + PER_STAGE},
             models=[st.cfg.to_dict() for st in stages]))
