@@ -71,7 +71,7 @@ CONFIGS = {
                   fractions=(1 / 16, 1 / 8, 1 / 4, 1 / 2), alone=(1 / 8, 1 / 4, 1 / 2, 1),
                   families=(("cpu-tiny", "cpu-small", "cpu-base"), ("cpu-tiny", "cpu-small", "cpu-medium", "cpu-base"),
                             ("cpu-nano", "cpu-tiny", "cpu-small", "cpu-medium", "cpu-base")),
-                  ablation_fraction=1 / 4, ablation_seeds=(0, 1)),
+                  ablation_fraction=1 / 4, ablation_seeds=(0,)),
     "gpu": Config(sizes=("tiny", "small", "base"), first_steps=4000, batch_size=256, seeds=(0, 1, 2),
                   fractions=(1 / 16, 1 / 8, 1 / 4, 1 / 2), alone=(1 / 8, 1 / 4, 1 / 2, 1),
                   families=(("tiny", "small", "base"), ("tiny", "small", "medium", "base"),
@@ -145,11 +145,11 @@ def plan(config):
             if seed == config.ablation_seeds[0]:
                 parts["ablation"].append(("method", key(method.name)))
             for tag, change in ablations(method.steps):
-                variant = add(replace(method, name=f"{method.name}-{tag}", **change))
+                variant = add(replace(method, name=f"{method.name}-{tag}", eval_steps=0, **change))  # no curve
                 if seed == config.ablation_seeds[0]:
                     parts["ablation"].append((tag, key(variant.name)))
             add(old_recipe(first))  # the previous recipe, first stage included
-            old = add(old_recipe(method))
+            old = add(replace(old_recipe(method), eval_steps=0))
             if seed == config.ablation_seeds[0]:
                 parts["ablation"].append(("old-recipe", key(old.name)))
     for family in config.families:  # part 2: the official stage lengths, seed 0, and every member's twin
