@@ -60,7 +60,7 @@ def main(argv=None):
                   args.conditions, command(argv and ["benchmarks/main_command.py", *argv])),
           f"Seeds {seeds}; wall time per run, the evaluations included: " + (
               ", ".join(f"seed {s} {w:.0f} s" for s, (_, w) in reports.items() if w is not None) or "not timed") +
-          " (a run that was resumed is not timed).", "",
+          " (only a run this script starts from scratch is timed).", "",
           "| stage | size | " + " | ".join(f"{label}: mean (min-max)" for label in METRICS.values()) + " |",
           "| --- | --- |" + " --- |" * len(METRICS)]
     for i, size in enumerate(sizes):
