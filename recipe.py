@@ -102,10 +102,10 @@ def ema_decay(fraction, total_steps):
 # -----------------------------------------------------------------------------
 # the recipe on the embedded synthetic set (synthetic.py), for every size and both scripts
 
-# The official peak lr 1e-3 is for a global batch of 1024. At batch 64 on the synthetic set it leaves some seeds at
-# the colour-only plateau (cpu-tiny 1000 steps, seeds 0-9: seed 2 at 17.7% zero-shot) and the paper's 12-layer sizes
-# learn only colour (tiny: loss flat at 3.1); at 3e-4 every seed of cpu-tiny and the 12-layer sizes learn shape too
-# (results/growth-dip.md, "first stage").
+# The official peak lr 1e-3 is for a global batch of 1024. On the synthetic set it leaves some seeds at the
+# colour-only plateau (cpu-tiny 1000 steps x 64, seeds 0-4: seed 2 at 17.7% zero-shot), and the paper's 12-layer
+# tiny learnt only colour at it (500 steps x 32: loss flat at 3.1); at 3e-4 every one of seeds 0-9 of cpu-tiny learns
+# shape too (results/growth-dip.md, part 1), and so does the 12-layer tiny (results/main-command.md).
 SYNTHETIC_LR = 3e-4
 SYNTHETIC_BATCH = 64
 SYNTHETIC_WARMUP = MIN_WARMUP
