@@ -39,8 +39,9 @@ class Settings:
     val_data: str = flag("", "retrieval set: synthetic or a source of the --data kinds (synthetic data: its own)")
     templates: str = flag("", "file of zero-shot prompts, one a line with {} for the class name (default: 7 "
                           "open_clip prompts for --zeroshot-data, 3 for synthetic)")
-    probes: int = flag(synthetic.PROBES, "synthetic data: pictures that fit the linear probes of its attributes at the "
-                       "end of a run (half as many score them; 0: no probes)")
+    probes: int = flag(0, "synthetic data: pictures that fit linear probes of its attributes at the end of a run, "
+                       f"half as many score them (0: none; {synthetic.PROBES} as evaluate.py --synthetic-probes: "
+                       "more than the rest of the evaluation costs)")
     bpe: str = flag("", "CLIP BPE vocabulary file (bpe_simple_vocab_16e6.txt.gz) for --tokenizer clip-bpe")
     workers: int = flag(0, "data loading processes (0: load in the training process)")
     # optimisation

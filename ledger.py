@@ -45,7 +45,8 @@ def report(stages, ledger_rows, totals, results=None, twins=None):
     """report.json's content and report.md's text; ledger_rows, totals: ledger(); results / twins: train()'s metrics of
     the chain / the baselines."""
     def measured(r):
-        return {k: v for k, v in r.items() if k == "wall_time_s" or k.startswith(("zeroshot", "i2t", "t2i", "probe_"))}
+        return {k: v for k, v in r.items() if k in ("wall_time_s", "eval_s") or
+                k.startswith(("zeroshot", "i2t", "t2i", "probe_"))}
 
     def cells(d, keys):
         return [f"{100 * d[k]:.1f}%" if d.get(k) is not None else "-" for k in keys]  # None: undefined (top-5 of 4)
@@ -59,9 +60,10 @@ def report(stages, ledger_rows, totals, results=None, twins=None):
                   " | ".join(cells(row, METRICS)) + " |")
     if results:
         totals["wall_time_s"] = sum(r["wall_time_s"] for r in results)
+        totals["eval_s"] = sum(r.get("eval_s", 0.0) for r in results)  # a stage finished by an older version: none
     if twins:
         totals["alone_wall_time_s"] = sum(r["wall_time_s"] for r in twins)
-    chain_wall = f" in {totals['wall_time_s']:.0f} s" if results else ""
+    chain_wall = f" in {totals['wall_time_s']:.0f} s ({totals['eval_s']:.0f} s of it evaluating)" if results else ""
     alone_wall = f" in {totals['alone_wall_time_s']:.0f} s" if twins else ""
     md.append(f"\nChain: {totals['train_flops']:.3g} training FLOPs{chain_wall}. Each size alone with the first stage's "
               f"schedule: {totals['independent_flops']:.3g}{alone_wall}. The chain is **{totals['speedup']:.2f}x** "

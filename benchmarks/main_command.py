@@ -4,10 +4,12 @@ of each run and every stage's zero-shot top-1 and retrieval R@1, with the mean a
 whether each grown model ends at or above its predecessor in every seed (the method's claim, on one machine).
 
     python benchmarks/main_command.py               # seeds 0, 1, 2: about half an hour on 2 idle cores
+    python benchmarks/main_command.py --control     # and each seed's control: its tiny continued, no growth
 
 Writes results/main-command.md and results/main-command.json. Each run goes to runs/main-command/s<seed> and a rerun
 resumes or reuses it (its wall time is then the recorded one).
 """
+import json
 import os
 import statistics
 import subprocess
@@ -38,6 +40,29 @@ def run(seed, runs, extra):
     return runtime.load_json(report, "chain report"), wall
 
 
+def control(seed, runs):
+    """The control of the first grown stage: the trained tiny itself continued for small's steps with the grown-stage
+    recipe at width ratio 1 (the first stage's peak lr, the same warmup and weight average), no growth and no FD. What
+    a stage that short does to a model annealed to lr 0, growth aside. Its final metrics."""
+    chain_out, out = os.path.join(runs, f"s{seed}"), os.path.join(runs, f"s{seed}-control")
+    m = runtime.load_json(os.path.join(chain_out, "manifest.json"), "chain manifest")
+    result = os.path.join(out, "result.json")
+    if not os.path.exists(result):
+        argv = [sys.executable, os.path.join(HERE, "..", "train.py"), "--size", SIZES.split(",")[0],
+                "--init-from", os.path.join(chain_out, "1-" + SIZES.split(",")[0], "checkpoint.pt"),
+                "--steps", str(m["steps"][1]), "--warmup", str(m["warmup"][1]), "--lr", str(m["lr"][0]),
+                "--ema", str(m["ema"][1]), "--seed", str(seed), "--out", out]
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+        runtime.save_json(train_result(out), result)
+    return runtime.load_json(result, "control result")
+
+
+def train_result(out):
+    """train.py's final evaluation, the last record of its metrics.jsonl."""
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if "zeroshot_top1" in line][-1]
+
+
 def values(stage):
     return {"zeroshot_top1": 100 * stage["zeroshot_top1"], "retrieval_R1": 50 * (stage["i2t_R@1"] + stage["t2i_R@1"])}
 
@@ -48,19 +73,24 @@ def main(argv=None):
     p.add_argument("--runs", default="runs/main-command", help="where the chains go (reused on a rerun)")
     p.add_argument("--out", default="results", help="where main-command.md / .json go")
     p.add_argument("--conditions", default="idle machine", help="what else ran beside the measurement")
+    p.add_argument("--control", action="store_true", help="also continue each seed's first model for the second "
+                   "stage's steps without growth or FD (runs/main-command/s<seed>-control)")
     args, extra = p.parse_known_args(argv)  # anything else goes to chain.py
     seeds = [int(s) for s in args.seeds.split(",")]
     reports = {s: run(s, args.runs, extra) for s in seeds}
+    controls = {s: values(control(s, args.runs)) for s in seeds} if args.control else {}
     sizes = SIZES.split(",")
     table = {s: [values(st) for st in rep["stages"]] for s, (rep, _) in reports.items()}
     gains = {s: [{m: rows[i][m] - rows[i - 1][m] for m in METRICS} for i in range(1, len(sizes))]
              for s, rows in table.items()}
     holds = all(g[m] >= 0 for gs in gains.values() for g in gs for m in METRICS)
+    timed = {s: (w, sum(st.get("eval_s", 0.0) for st in rep["stages"])) for s, (rep, w) in reports.items()
+             if w is not None}
     md = [*header(f"The main command: `python chain.py --sizes {SIZES}`{' ' + ' '.join(extra) if extra else ''}",
                   args.conditions, command(argv and ["benchmarks/main_command.py", *argv])),
           f"Seeds {seeds}; wall time per run, the evaluations included: " + (
-              ", ".join(f"seed {s} {w:.0f} s" for s, (_, w) in reports.items() if w is not None) or "not timed") +
-          " (only a run this script starts from scratch is timed).", "",
+              ", ".join(f"seed {s} {w:.0f} s ({e:.0f} s, {100 * e / w:.0f}%, evaluating)" for s, (w, e) in
+                        timed.items()) or "not timed") + " (only a run this script starts from scratch is timed).", "",
           "| stage | size | " + " | ".join(f"{label}: mean (min-max)" for label in METRICS.values()) + " |",
           "| --- | --- |" + " --- |" * len(METRICS)]
     for i, size in enumerate(sizes):
@@ -76,8 +106,18 @@ def main(argv=None):
         md.append(f"| {s} | " + " | ".join(f"{g[m]:+.1f}" for g in gains[s] for m in METRICS) + " |")
     md += ["", f"Every grown model at or above its predecessor on both metrics in every seed: **{'yes' if holds else 'no'}**.",
            ""]
+    if controls:
+        md += [f"The control (`--control`): the trained {sizes[0]} itself, continued for {sizes[1]}'s steps with the "
+               "grown-stage recipe at width ratio 1 (the first stage's peak lr, the same warmup and weight average), "
+               "without growth or FD. Its end minus the model it started from (points):", "",
+               "| seed | " + " | ".join(f"{sizes[0]} continued - {sizes[0]}: {label}" for label in METRICS.values())
+               + " |", "| --- |" + " ---: |" * len(METRICS)]
+        for s in seeds:
+            md.append(f"| {s} | " + " | ".join(f"{controls[s][m] - table[s][0][m]:+.1f}" for m in METRICS) + " |")
+        md.append("")
     os.makedirs(args.out, exist_ok=True)
-    runtime.save_json(dict(seeds=seeds, wall_time_s={s: w for s, (_, w) in reports.items()}, metrics=table, gains=gains, holds=holds,
+    runtime.save_json(dict(seeds=seeds, wall_time_s={s: w for s, (_, w) in reports.items()}, metrics=table,
+                           gains=gains, holds=holds, control=controls,
                            reports={s: rep for s, (rep, _) in reports.items()}),
                       os.path.join(args.out, "main-command.json"))
     runtime.save_text("\n".join(md), os.path.join(args.out, "main-command.md"))

@@ -45,6 +45,7 @@ import interop  # noqa: E402
 import ledger  # noqa: E402
 import recipe  # noqa: E402
 import runtime  # noqa: E402
+import synthetic  # noqa: E402
 import train  # noqa: E402
 import vit  # noqa: E402
 from distill import ALPHA  # noqa: E402
@@ -222,7 +223,7 @@ def run_job(job, config, root):
     settings = train.Settings(steps=job.steps, batch_size=config.batch_size, seed=job.seed, lr=job.lr,
                               warmup=job.warmup, ema=job.ema, device=config.device, eval_every=0,
                               eval_steps=job.eval_steps, log_every=max(1, job.steps // 10),
-                              save_every=max(1, job.steps // 4))
+                              save_every=max(1, job.steps // 4), probes=synthetic.PROBES)
     stage = chain.Stage(job.size, shape(job.size), settings, job.steps * config.batch_size,
                         os.path.join(root, job.name), job.name)
     model = train.first_model(stage.cfg, job.seed)

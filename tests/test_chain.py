@@ -163,7 +163,7 @@ def test_default_schedule_is_the_official_one(capsys):
 
 def test_chain_trains_resumes_and_refuses_another_command(tmp_path, monkeypatch, capsys, small_eval):
     out = str(tmp_path / "run")
-    argv = ["--sizes", SIZES, "--steps", "2,1,1", "--out", out, *FAST]
+    argv = ["--sizes", SIZES, "--steps", "2,1,1", "--out", out, "--probes", "64", *FAST]  # probes: off by default
     first = chain.main(argv)
     dirs = ["1-cpu-tiny", "2-cpu-small", "3-cpu-base"]
     for d in dirs:
