@@ -173,6 +173,7 @@ def test_chain_trains_resumes_and_refuses_another_command(tmp_path, monkeypatch,
     assert [s["size"] for s in report["stages"]] == SIZES.split(",")
     probes = {f"probe_{a}" for a in synthetic.ATTRIBUTES}  # on the synthetic set: what each image tower knows
     assert all({"zeroshot_top1", "wall_time_s"} | probes <= set(s) for s in report["stages"])
+    assert all(0 < s["eval_s"] < s["wall_time_s"] for s in report["stages"])  # the evaluations' share of the time
     with open(os.path.join(out, "report.md")) as f:
         assert "| size | " + " | ".join(synthetic.ATTRIBUTES) + " |" in f.read()
     weights = torch.load(os.path.join(out, dirs[2], "checkpoint.pt"), weights_only=True)["model"]
