@@ -4,7 +4,7 @@ of each run and every stage's zero-shot top-1 and retrieval R@1, with the mean a
 whether each grown model ends at or above its predecessor in every seed (the method's claim, on one machine).
 
     python benchmarks/main_command.py               # seeds 0, 1, 2: about half an hour on 2 idle cores
-    python benchmarks/main_command.py --control     # and each seed's control: its tiny continued, no growth
+    python benchmarks/main_command.py --variants    # and the second stage's variants: 20 more minutes
 
 Writes results/main-command.md and results/main-command.json. Each run goes to runs/main-command/s<seed> and a rerun
 resumes or reuses it (its wall time is then the recorded one).
@@ -40,21 +40,36 @@ def run(seed, runs, extra):
     return runtime.load_json(report, "chain report"), wall
 
 
-def control(seed, runs):
-    """The control of the first grown stage: the trained tiny itself continued for small's steps with the grown-stage
-    recipe at width ratio 1 (the first stage's peak lr, the same warmup and weight average), no growth and no FD. What
-    a stage that short does to a model annealed to lr 0, growth aside. Its final metrics."""
-    chain_out, out = os.path.join(runs, f"s{seed}"), os.path.join(runs, f"s{seed}-control")
+# The second stage's variants (--variants): what happens over the first grown stage's length, growth aside and under
+# other recipes, each from the same trained first model. tag: (label, size, grown with FD, peak lr, average fraction),
+# from the chain's manifest m.
+VARIANTS = {
+    "control": ("the first model continued, no growth or FD (the grown-stage recipe at width ratio 1)", 0, False,
+                lambda m: m["lr"][0], lambda m: m["ema"][1]),
+    "official": ("grown, the official recipe (the first stage's peak lr, the last weights)", 1, True,
+                 lambda m: m["lr"][0], lambda m: 0.0),
+    "whole-average": ("grown, the default peak lr, the average over the whole stage", 1, True,
+                      lambda m: m["lr"][1], lambda m: 1.0),
+    "length-lr": ("grown, the first stage's peak lr x the stage's share of its steps, the default average", 1, True,
+                  lambda m: m["lr"][0] * m["steps"][1] / m["steps"][0], lambda m: m["ema"][1]),
+}
+
+
+def variant(seed, runs, tag):
+    """The second stage of seed's chain trained as VARIANTS[tag] says, from the chain's trained first model (train.py,
+    in its own process); its final metrics."""
+    _, i, grown, lr, ema = VARIANTS[tag]
+    chain_out, out = os.path.join(runs, f"s{seed}"), os.path.join(runs, f"s{seed}-{tag}")
     m = runtime.load_json(os.path.join(chain_out, "manifest.json"), "chain manifest")
+    first = os.path.join(chain_out, "1-" + m["sizes"][0], "checkpoint.pt")
     result = os.path.join(out, "result.json")
     if not os.path.exists(result):
-        argv = [sys.executable, os.path.join(HERE, "..", "train.py"), "--size", SIZES.split(",")[0],
-                "--init-from", os.path.join(chain_out, "1-" + SIZES.split(",")[0], "checkpoint.pt"),
-                "--steps", str(m["steps"][1]), "--warmup", str(m["warmup"][1]), "--lr", str(m["lr"][0]),
-                "--ema", str(m["ema"][1]), "--seed", str(seed), "--out", out]
+        argv = [sys.executable, os.path.join(HERE, "..", "train.py"), "--size", m["sizes"][i], "--init-from", first,
+                *(["--teacher", first] if grown else []), "--steps", str(m["steps"][1]), "--warmup",
+                str(m["warmup"][1]), "--lr", str(lr(m)), "--ema", str(ema(m)), "--seed", str(seed), "--out", out]
         subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
         runtime.save_json(train_result(out), result)
-    return runtime.load_json(result, "control result")
+    return runtime.load_json(result, "variant result")
 
 
 def train_result(out):
@@ -73,12 +88,13 @@ def main(argv=None):
     p.add_argument("--runs", default="runs/main-command", help="where the chains go (reused on a rerun)")
     p.add_argument("--out", default="results", help="where main-command.md / .json go")
     p.add_argument("--conditions", default="idle machine", help="what else ran beside the measurement")
-    p.add_argument("--control", action="store_true", help="also continue each seed's first model for the second "
-                   "stage's steps without growth or FD (runs/main-command/s<seed>-control)")
+    p.add_argument("--variants", action="store_true", help="also train each seed's second stage as VARIANTS say, "
+                   "from the chain's first model (runs/main-command/s<seed>-<variant>)")
     args, extra = p.parse_known_args(argv)  # anything else goes to chain.py
     seeds = [int(s) for s in args.seeds.split(",")]
     reports = {s: run(s, args.runs, extra) for s in seeds}
-    controls = {s: values(control(s, args.runs)) for s in seeds} if args.control else {}
+    variants = {tag: {s: values(variant(s, args.runs, tag)) for s in seeds} for tag in VARIANTS} if args.variants \
+        else {}
     sizes = SIZES.split(",")
     table = {s: [values(st) for st in rep["stages"]] for s, (rep, _) in reports.items()}
     gains = {s: [{m: rows[i][m] - rows[i - 1][m] for m in METRICS} for i in range(1, len(sizes))]
@@ -106,18 +122,22 @@ def main(argv=None):
         md.append(f"| {s} | " + " | ".join(f"{g[m]:+.1f}" for g in gains[s] for m in METRICS) + " |")
     md += ["", f"Every grown model at or above its predecessor on both metrics in every seed: **{'yes' if holds else 'no'}**.",
            ""]
-    if controls:
-        md += [f"The control (`--control`): the trained {sizes[0]} itself, continued for {sizes[1]}'s steps with the "
-               "grown-stage recipe at width ratio 1 (the first stage's peak lr, the same warmup and weight average), "
-               "without growth or FD. Its end minus the model it started from (points):", "",
-               "| seed | " + " | ".join(f"{sizes[0]} continued - {sizes[0]}: {label}" for label in METRICS.values())
-               + " |", "| --- |" + " ---: |" * len(METRICS)]
-        for s in seeds:
-            md.append(f"| {s} | " + " | ".join(f"{controls[s][m] - table[s][0][m]:+.1f}" for m in METRICS) + " |")
+    if variants:
+        md += [f"The second stage's variants (`--variants`), each trained for {sizes[1]}'s steps (the same warmup) from "
+               f"the chain's trained {sizes[0]}; their end minus that {sizes[0]}, zero-shot top-1 / retrieval R@1 "
+               "(points):", "", "| second stage | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
+               "| --- |" + " ---: |" * (len(seeds) + 1)]
+        rows = {f"{sizes[1]}: the chain's (the default recipe)": {s: table[s][1] for s in seeds},
+                **{VARIANTS[tag][0]: by_seed for tag, by_seed in variants.items()}}
+        for label, by_seed in rows.items():
+            diffs = {s: [by_seed[s][m] - table[s][0][m] for m in METRICS] for s in seeds}
+            means = [statistics.mean(diffs[s][j] for s in seeds) for j in range(len(METRICS))]
+            md.append(f"| {label} | " + " | ".join(" / ".join(f"{d:+.1f}" for d in diffs[s]) for s in seeds) +
+                      " | " + " / ".join(f"{d:+.1f}" for d in means) + " |")
         md.append("")
     os.makedirs(args.out, exist_ok=True)
     runtime.save_json(dict(seeds=seeds, wall_time_s={s: w for s, (_, w) in reports.items()}, metrics=table,
-                           gains=gains, holds=holds, control=controls,
+                           gains=gains, holds=holds, variants=variants,
                            reports={s: rep for s, (rep, _) in reports.items()}),
                       os.path.join(args.out, "main-command.json"))
     runtime.save_text("\n".join(md), os.path.join(args.out, "main-command.md"))
