@@ -18,6 +18,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
+import interop  # noqa: E402
 import runtime  # noqa: E402
 from results import command, header  # noqa: E402
 
@@ -51,25 +52,45 @@ VARIANTS = {
     "whole-average": ("grown, the default peak lr, the average over the whole stage", 1, True,
                       lambda m: m["lr"][1], lambda m: 1.0),
     "length-lr": ("grown, the first stage's peak lr x the stage's share of its steps, the default average", 1, True,
-                  lambda m: m["lr"][0] * m["steps"][1] / m["steps"][0], lambda m: m["ema"][1]),
+                  lambda m: length_lr(m, 1), lambda m: m["ema"][1]),
 }
 
 
+def length_lr(m, i):
+    """The length-lr variant's peak lr of stage i: the first stage's x stage i's steps / the first stage's steps."""
+    return m["lr"][0] * m["steps"][i] / m["steps"][0]
+
+
 def variant(seed, runs, tag):
-    """The second stage of seed's chain trained as VARIANTS[tag] says, from the chain's trained first model (train.py,
-    in its own process); its final metrics."""
+    """The second stage of seed's chain trained as VARIANTS[tag] says, from the chain's trained first model; its final
+    metrics."""
     _, i, grown, lr, ema = VARIANTS[tag]
-    chain_out, out = os.path.join(runs, f"s{seed}"), os.path.join(runs, f"s{seed}-{tag}")
-    m = runtime.load_json(os.path.join(chain_out, "manifest.json"), "chain manifest")
-    first = os.path.join(chain_out, "1-" + m["sizes"][0], "checkpoint.pt")
+    m = runtime.load_json(os.path.join(runs, f"s{seed}", "manifest.json"), "chain manifest")
+    first = os.path.join(runs, f"s{seed}", "1-" + m["sizes"][0], "checkpoint.pt")
+    return stage_run(os.path.join(runs, f"s{seed}-{tag}"), m["sizes"][i], first, grown, m["steps"][1], m["warmup"][1],
+                     lr(m), ema(m), seed)
+
+
+def length_lr_third(seed, runs):
+    """The length-lr variant carried to the third stage: grown from the second stage's length-lr model (and distilled
+    towards it) with the same rule; its final metrics."""
+    m = runtime.load_json(os.path.join(runs, f"s{seed}", "manifest.json"), "chain manifest")
+    second = os.path.join(runs, f"s{seed}-length-lr", interop.RUN_CHECKPOINT)
+    return stage_run(os.path.join(runs, f"s{seed}-length-lr-3"), m["sizes"][2], second, True, m["steps"][2],
+                     m["warmup"][2], length_lr(m, 2), m["ema"][2], seed)
+
+
+def stage_run(out, size, start, grown, steps, warmup, lr, ema, seed):
+    """train.py in its own process, as a user runs it: `size` from the checkpoint `start` (grown when smaller, and
+    distilled towards it when `grown`); its final metrics, kept in out/result.json (a rerun reuses them)."""
     result = os.path.join(out, "result.json")
     if not os.path.exists(result):
-        argv = [sys.executable, os.path.join(HERE, "..", "train.py"), "--size", m["sizes"][i], "--init-from", first,
-                *(["--teacher", first] if grown else []), "--steps", str(m["steps"][1]), "--warmup",
-                str(m["warmup"][1]), "--lr", str(lr(m)), "--ema", str(ema(m)), "--seed", str(seed), "--out", out]
+        argv = [sys.executable, os.path.join(HERE, "..", "train.py"), "--size", size, "--init-from", start,
+                *(["--teacher", start] if grown else []), "--steps", str(steps), "--warmup", str(warmup), "--lr",
+                str(lr), "--ema", str(ema), "--seed", str(seed), "--out", out]
         subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
         runtime.save_json(train_result(out), result)
-    return runtime.load_json(result, "variant result")
+    return runtime.load_json(result, "stage result")
 
 
 def train_result(out):
@@ -95,6 +116,7 @@ def main(argv=None):
     reports = {s: run(s, args.runs, extra) for s in seeds}
     variants = {tag: {s: values(variant(s, args.runs, tag)) for s in seeds} for tag in VARIANTS} if args.variants \
         else {}
+    third = {s: values(length_lr_third(s, args.runs)) for s in seeds} if args.variants else {}
     sizes = SIZES.split(",")
     table = {s: [values(st) for st in rep["stages"]] for s, (rep, _) in reports.items()}
     gains = {s: [{m: rows[i][m] - rows[i - 1][m] for m in METRICS} for i in range(1, len(sizes))]
@@ -134,10 +156,21 @@ def main(argv=None):
             means = [statistics.mean(diffs[s][j] for s in seeds) for j in range(len(METRICS))]
             md.append(f"| {label} | " + " | ".join(" / ".join(f"{d:+.1f}" for d in diffs[s]) for s in seeds) +
                       " | " + " / ".join(f"{d:+.1f}" for d in means) + " |")
-        md.append("")
+        length = [{m: v[m] - tiny[m] for m in METRICS} for v, tiny in
+                  [(variants["length-lr"][s], table[s][0]) for s in seeds] +
+                  [(third[s], variants["length-lr"][s]) for s in seeds]]
+        md += ["", f"The length-lr variant carried on: {sizes[2]} grown from its {sizes[1]} with the same rule "
+               f"({sizes[2]}'s steps and warmup, the first stage's peak lr x {sizes[2]}'s share of its steps). Each "
+               "grown model minus its predecessor, zero-shot top-1 / retrieval R@1 (points):", "",
+               f"| seed | {sizes[1]} - {sizes[0]} | {sizes[2]} - {sizes[1]} |", "| --- | ---: | ---: |"]
+        for j, s in enumerate(seeds):
+            md.append(f"| {s} | " + " | ".join(" / ".join(f"{g[m]:+.1f}" for m in METRICS)
+                                               for g in (length[j], length[len(seeds) + j])) + " |")
+        md += ["", "Every model of the length-lr chain at or above its predecessor on both metrics in every seed: "
+               f"**{'yes' if all(g[m] >= 0 for g in length for m in METRICS) else 'no'}**.", ""]
     os.makedirs(args.out, exist_ok=True)
     runtime.save_json(dict(seeds=seeds, wall_time_s={s: w for s, (_, w) in reports.items()}, metrics=table,
-                           gains=gains, holds=holds, variants=variants,
+                           gains=gains, holds=holds, variants=variants, length_lr_third=third,
                            reports={s: rep for s, (rep, _) in reports.items()}),
                       os.path.join(args.out, "main-command.json"))
     runtime.save_text("\n".join(md), os.path.join(args.out, "main-command.md"))

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import chain
-import data
 import evaluate
 import ledger
 import recipe
