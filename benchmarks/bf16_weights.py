@@ -82,7 +82,7 @@ def contenders(cfg, tokens_of, batch_size):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--batch-size", type=int, default=recipe.CHAIN_BATCH, help="pairs per step (the chain's)")
+    parser.add_argument("--batch-size", type=int, default=recipe.SYNTHETIC_BATCH, help="pairs per step (the chain's)")
     parser.add_argument("--check-steps", type=int, default=4, help="steps whose losses must agree bit for bit")
     parser.add_argument("--rounds", type=int, default=4, help="alternating rounds; each contender's best counts")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per round")

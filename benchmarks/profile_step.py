@@ -79,7 +79,7 @@ def table(events, steps, rows):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--batch-size", type=int, default=recipe.CHAIN_BATCH, help="pairs per step (the chain's)")
+    parser.add_argument("--batch-size", type=int, default=recipe.SYNTHETIC_BATCH, help="pairs per step (the chain's)")
     parser.add_argument("--steps", type=int, default=5, help="profiled steps per shape, after 2 untimed ones")
     parser.add_argument("--rows", type=int, default=25, help="ops listed per shape")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
