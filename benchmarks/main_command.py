@@ -43,41 +43,29 @@ def run(seed, runs, extra):
 
 # The second stage's variants (--variants): what happens over the first grown stage's length, growth aside and under
 # other recipes, each from the same trained first model. tag: (label, size, grown with FD, peak lr, average fraction),
-# from the chain's manifest m.
+# the last two of stage i from the chain's manifest m.
 VARIANTS = {
     "control": ("the first model continued, no growth or FD (the grown-stage recipe at width ratio 1)", 0, False,
-                lambda m: m["lr"][0], lambda m: m["ema"][1]),
+                lambda m, i: m["lr"][0], lambda m, i: m["ema"][i]),
     "official": ("grown, the official recipe (the first stage's peak lr, the last weights)", 1, True,
-                 lambda m: m["lr"][0], lambda m: 0.0),
+                 lambda m, i: m["lr"][0], lambda m, i: 0.0),
     "whole-average": ("grown, the default peak lr, the average over the whole stage", 1, True,
-                      lambda m: m["lr"][1], lambda m: 1.0),
+                      lambda m, i: m["lr"][i], lambda m, i: 1.0),
     "length-lr": ("grown, the first stage's peak lr x the stage's share of its steps, the default average", 1, True,
-                  lambda m: length_lr(m, 1), lambda m: m["ema"][1]),
+                  lambda m, i: m["lr"][0] * m["steps"][i] / m["steps"][0], lambda m, i: m["ema"][i]),
 }
+CARRIED = ("whole-average", "length-lr")  # carried on to the third stage, grown from their own second stage
 
 
-def length_lr(m, i):
-    """The length-lr variant's peak lr of stage i: the first stage's x stage i's steps / the first stage's steps."""
-    return m["lr"][0] * m["steps"][i] / m["steps"][0]
-
-
-def variant(seed, runs, tag):
-    """The second stage of seed's chain trained as VARIANTS[tag] says, from the chain's trained first model; its final
-    metrics."""
-    _, i, grown, lr, ema = VARIANTS[tag]
+def variant(seed, runs, tag, third=False):
+    """Seed's second stage trained as VARIANTS[tag] says, from the chain's trained first model, or (third) its third
+    stage, grown from that variant's second stage and distilled towards it; its final metrics."""
+    _, size, grown, lr, ema = VARIANTS[tag]
     m = runtime.load_json(os.path.join(runs, f"s{seed}", "manifest.json"), "chain manifest")
-    first = os.path.join(runs, f"s{seed}", "1-" + m["sizes"][0], "checkpoint.pt")
-    return stage_run(os.path.join(runs, f"s{seed}-{tag}"), m["sizes"][i], first, grown, m["steps"][1], m["warmup"][1],
-                     lr(m), ema(m), seed)
-
-
-def length_lr_third(seed, runs):
-    """The length-lr variant carried to the third stage: grown from the second stage's length-lr model (and distilled
-    towards it) with the same rule; its final metrics."""
-    m = runtime.load_json(os.path.join(runs, f"s{seed}", "manifest.json"), "chain manifest")
-    second = os.path.join(runs, f"s{seed}-length-lr", interop.RUN_CHECKPOINT)
-    return stage_run(os.path.join(runs, f"s{seed}-length-lr-3"), m["sizes"][2], second, True, m["steps"][2],
-                     m["warmup"][2], length_lr(m, 2), m["ema"][2], seed)
+    i, start = (2, os.path.join(runs, f"s{seed}-{tag}", interop.RUN_CHECKPOINT)) if third else \
+        (1, os.path.join(runs, f"s{seed}", "1-" + m["sizes"][0], interop.RUN_CHECKPOINT))
+    return stage_run(os.path.join(runs, f"s{seed}-{tag}" + "-3" * third), m["sizes"][2 if third else size], start,
+                     grown, m["steps"][i], m["warmup"][i], lr(m, i), ema(m, i), seed)
 
 
 def stage_run(out, size, start, grown, steps, warmup, lr, ema, seed):
@@ -116,7 +104,8 @@ def main(argv=None):
     reports = {s: run(s, args.runs, extra) for s in seeds}
     variants = {tag: {s: values(variant(s, args.runs, tag)) for s in seeds} for tag in VARIANTS} if args.variants \
         else {}
-    third = {s: values(length_lr_third(s, args.runs)) for s in seeds} if args.variants else {}
+    third = {tag: {s: values(variant(s, args.runs, tag, third=True)) for s in seeds} for tag in CARRIED} \
+        if args.variants else {}
     sizes = SIZES.split(",")
     table = {s: [values(st) for st in rep["stages"]] for s, (rep, _) in reports.items()}
     gains = {s: [{m: rows[i][m] - rows[i - 1][m] for m in METRICS} for i in range(1, len(sizes))]
@@ -156,21 +145,26 @@ def main(argv=None):
             means = [statistics.mean(diffs[s][j] for s in seeds) for j in range(len(METRICS))]
             md.append(f"| {label} | " + " | ".join(" / ".join(f"{d:+.1f}" for d in diffs[s]) for s in seeds) +
                       " | " + " / ".join(f"{d:+.1f}" for d in means) + " |")
-        length = [{m: v[m] - tiny[m] for m in METRICS} for v, tiny in
-                  [(variants["length-lr"][s], table[s][0]) for s in seeds] +
-                  [(third[s], variants["length-lr"][s]) for s in seeds]]
-        md += ["", f"The length-lr variant carried on: {sizes[2]} grown from its {sizes[1]} with the same rule "
-               f"({sizes[2]}'s steps and warmup, the first stage's peak lr x {sizes[2]}'s share of its steps). Each "
-               "grown model minus its predecessor, zero-shot top-1 / retrieval R@1 (points):", "",
-               f"| seed | {sizes[1]} - {sizes[0]} | {sizes[2]} - {sizes[1]} |", "| --- | ---: | ---: |"]
-        for j, s in enumerate(seeds):
+        md += ["", f"Two variants carried on: {sizes[2]} grown from the variant's {sizes[1]} with the same rule "
+               f"({sizes[2]}'s steps and warmup). Each grown model minus its predecessor, zero-shot top-1 / retrieval "
+               "R@1 (points):", "", "| seed | " + " | ".join(f"{tag}: {b} - {a}" for tag in CARRIED for a, b in
+                                                              zip(sizes, sizes[1:])) + " |",
+               "| --- |" + " ---: |" * 2 * len(CARRIED)]
+        steps = {tag: {s: [{m: variants[tag][s][m] - table[s][0][m] for m in METRICS},
+                           {m: third[tag][s][m] - variants[tag][s][m] for m in METRICS}] for s in seeds}
+                 for tag in CARRIED}
+        for s in seeds:
             md.append(f"| {s} | " + " | ".join(" / ".join(f"{g[m]:+.1f}" for m in METRICS)
-                                               for g in (length[j], length[len(seeds) + j])) + " |")
-        md += ["", "Every model of the length-lr chain at or above its predecessor on both metrics in every seed: "
-               f"**{'yes' if all(g[m] >= 0 for g in length for m in METRICS) else 'no'}**.", ""]
+                                               for tag in CARRIED for g in steps[tag][s]) + " |")
+        md.append("")
+        for tag in CARRIED:
+            held = all(g[m] >= 0 for s in seeds for g in steps[tag][s] for m in METRICS)
+            md.append(f"Every model of the {tag} chain at or above its predecessor on both metrics in every seed: "
+                      f"**{'yes' if held else 'no'}**.  ")
+        md.append("")
     os.makedirs(args.out, exist_ok=True)
     runtime.save_json(dict(seeds=seeds, wall_time_s={s: w for s, (_, w) in reports.items()}, metrics=table,
-                           gains=gains, holds=holds, variants=variants, length_lr_third=third,
+                           gains=gains, holds=holds, variants=variants, third_stage=third,
                            reports={s: rep for s, (rep, _) in reports.items()}),
                       os.path.join(args.out, "main-command.json"))
     runtime.save_text("\n".join(md), os.path.join(args.out, "main-command.md"))
