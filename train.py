@@ -146,13 +146,15 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
             "teacher": teacher.cfg.to_dict() if teacher is not None else None})
     log = runtime.Log(out_dir, step, total_steps, enabled=rank == 0)  # metrics.jsonl and the console
     t_start = t_log = time.time()
-    step_log, eval_s = step, [0.0]  # eval_s: seconds this process spends evaluating (the result's eval_s)
+    step_log, eval_s = step, 0.0  # eval_s: seconds this process spends evaluating (the result's eval_s)
 
     def evaluation(final=False):  # of the delivered model at this step; its metrics
+        nonlocal t_log, eval_s
         t_eval = time.time()
         metrics = evaluate_and_log(delivered, eval_sets, device, precision, log, step, step / steps_per_epoch,
                                    ckpt_path, final)
-        eval_s[0] += time.time() - t_eval
+        eval_s += time.time() - t_eval
+        t_log += time.time() - t_eval  # samples/s counts training only
         return metrics
 
     if settings.eval_steps and step == 0:  # where the run starts from (a grown model: its predecessor's function)
@@ -183,24 +185,20 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
             if step == total_steps:
                 break
             if settings.eval_steps and step % settings.eval_steps == 0:
-                t_eval = time.time()
                 evaluation()
-                t_log += time.time() - t_eval  # samples/s counts training only
         if step < total_steps and settings.eval_every and (epoch + 1) % settings.eval_every == 0:
-            t_eval = time.time()
             evaluation()
-            t_log += time.time() - t_eval
     log.bar.close()
     if average is not None:  # the trained model is the average (its checkpoint keeps both)
         model.load_state_dict(average.model.state_dict())
-    delivered = model
+    delivered = model  # now the average, if any: what evaluation() scores
     if rank == 0:  # the model as an open_clip local-dir, beside the checkpoint
         interop.export_open_clip(model, model.cfg, os.path.join(out_dir, "open_clip"))
     # after the writes: once train() returns, every rank can read them
     metrics = evaluation(final=True)
     skipped = sum(runtime.all_ranks(train_data.skipped), Counter())  # bad samples met, by kind, on all ranks
     return {"step": step, "num_samples": train_data.num_samples, "samples_seen": step * settings.batch_size * world_size,
-            "wall_time_s": wall_time + time.time() - t_start, "eval_s": eval_s[0], **losses, **metrics,
+            "wall_time_s": wall_time + time.time() - t_start, "eval_s": eval_s, **losses, **metrics,
             "skipped": dict(skipped)}
 
 
