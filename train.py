@@ -153,8 +153,9 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
         t_eval = time.time()
         metrics = evaluate_and_log(delivered, eval_sets, device, precision, log, step, step / steps_per_epoch,
                                    ckpt_path, final)
-        eval_s += time.time() - t_eval
-        t_log += time.time() - t_eval  # samples/s counts training only
+        spent = time.time() - t_eval
+        eval_s += spent
+        t_log += spent  # samples/s counts training only
         return metrics
 
     if settings.eval_steps and step == 0:  # where the run starts from (a grown model: its predecessor's function)

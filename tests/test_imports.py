@@ -2,8 +2,8 @@
 included): the method's core imports only torch and the standard library, every other import points down the stack,
 and so there is no cycle."""
 import ast
-import runpy
 import os
+import runpy
 import sys
 
 import pytest
