@@ -174,7 +174,7 @@ def main(argv=None):
     holds = all(g[m] >= 0 for gs in gains.values() for g in gs for m in METRICS)
     timed = {s: (w, sum(st.get("eval_s", 0.0) for st in rep["stages"])) for s, (rep, w) in reports.items()
              if w is not None}
-    md = [*header(f"The main command: `python chain.py --sizes {SIZES}`{' ' + ' '.join(extra) if extra else ''}",
+    md = [*header(f"The main command: `python chain.py --sizes {SIZES}{' ' + ' '.join(extra) if extra else ''}`",
                   args.conditions, command(argv and ["benchmarks/main_command.py", *argv])),
           f"Seeds {seeds}; wall time per run, the evaluations included: " + (
               ", ".join(f"seed {s} {w:.0f} s ({e:.0f} s, {100 * e / w:.0f}%, evaluating)" for s, (w, e) in
