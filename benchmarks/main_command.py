@@ -118,7 +118,8 @@ def speedup(report, manifest, steps):
 def on_eval_sets(folder, k):
     """values() of the model in `folder` (a chain stage or a variant's run) on the synthetic set's evaluation sets of
     eval seeds 0..k-1: seed 0's is the one every run is scored on; the others are as large and independent of it and
-    of each other. Cached in folder/eval-sets.json."""
+    of each other. In the device's default precision, as train.py scores a run (bf16 on bf16 CPUs). Cached in
+    folder/eval-sets.json."""
     path = os.path.join(folder, "eval-sets.json")
     cache = runtime.load_json(path, "evaluation cache") if os.path.exists(path) else {}
     missing = [j for j in range(k) if str(j) not in cache]
@@ -251,7 +252,8 @@ def resampled_lines(spread, seeds, sizes, k):
     md = [f"On {k} evaluation sets (`--eval-sets {k}`): every model of {' and '.join(spread)} scored on the synthetic "
           f"set's evaluation sets drawn with eval seeds 0-{k - 1} (seed 0's is the one above; each as large: "
           f"{synthetic.ZEROSHOT_PER_CLASS * len(synthetic.CLASSNAMES):,} zero-shot pictures, {synthetic.RETRIEVAL_SIZE} "
-          f"retrieval pictures with {synthetic.FULL_CAPTIONS} captions each). Grown minus predecessor, the mean over "
+          f"retrieval pictures with {synthetic.FULL_CAPTIONS} captions each), in the precision train.py scores a run in. "
+          f"Grown minus predecessor, the mean over "
           f"the {k} sets (min-max), points:", ""]
     for name, by_seed in spread.items():
         md += [f"| {name}: seed | " + " | ".join(f"{b} - {a}: {label}" for a, b in zip(sizes, sizes[1:])
