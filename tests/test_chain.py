@@ -79,6 +79,19 @@ def test_ledger_matches_a_hand_computation():
     assert rows[1]["params"] == vit.count_params(b)
 
 
+def test_main_command_benchmark_prices_longer_grown_stages_as_the_ledger_does(monkeypatch):
+    # benchmarks/main_command.py's ratio for a chain whose grown stages had trained longer, from a chain's report
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import main_command
+    cfgs = [vit.config(size, **synthetic.DATA_SHAPE) for size in ("tiny", "small", "base")]
+    steps, batch = [250, 47, 31], 64
+    rows, totals = ledger.ledger(cfgs, [n * batch for n in steps])
+    report, manifest = {"stages": rows, "totals": totals}, {"steps": steps}
+    assert main_command.speedup(report, manifest, None) == pytest.approx(totals["speedup"])
+    longer = ledger.ledger(cfgs, [250 * batch, 100 * batch, 100 * batch])[1]["speedup"]
+    assert main_command.speedup(report, manifest, 100) == pytest.approx(longer)
+
+
 def test_dry_run_reproduces_the_papers_figures(capsys):
     # the official CC3M chain T -> S -> B -> L at 224 px, 7 captions per image (the paper's long-caption mode), with
     # the CLIP vocabulary: README's command (no data at hand, so --tokenizer clip-bpe; --data gives the same models)
