@@ -7,8 +7,8 @@ whether each grown model ends at or above its predecessor in every seed (the met
     python benchmarks/main_command.py --variants                   # and the grown stages' variants: 80 more minutes
     python benchmarks/main_command.py --variants --eval-sets 5     # and 5 evaluation sets each: 30 more minutes
 
-Writes results/main-command.md and results/main-command.json (--name: another name, for another schedule). Each run goes to runs/main-command/s<seed> and a rerun
-resumes or reuses it (its wall time is then the recorded one).
+Writes results/main-command.md and results/main-command.json (--name: another name, for another schedule). Each run
+goes to runs/main-command/s<seed> and a rerun resumes or reuses it (its wall time is then the recorded one).
 """
 import json
 import os
@@ -26,8 +26,8 @@ import evaluate  # noqa: E402
 import interop  # noqa: E402
 import ledger  # noqa: E402
 import recipe  # noqa: E402
-import synthetic  # noqa: E402
 import runtime  # noqa: E402
+import synthetic  # noqa: E402
 from results import command, header  # noqa: E402
 
 SIZES = "tiny,small,base"
@@ -150,6 +150,32 @@ def resampled(runs, seeds, sizes, k, names):
     return out
 
 
+def resampled_lines(spread, seeds, sizes, k):
+    """The markdown of resampled(): per chain and seed, each difference's mean over the k sets (min-max), the verdict
+    on those means, and how far one difference moves between sets (its standard deviation over them)."""
+    md = [f"On {k} evaluation sets (`--eval-sets {k}`): every model of {' and '.join(spread)} scored on the synthetic "
+          f"set's evaluation sets drawn with eval seeds 0-{k - 1} (seed 0's is the one above; each as large: "
+          f"{synthetic.ZEROSHOT_PER_CLASS * len(synthetic.CLASSNAMES):,} zero-shot pictures, "
+          f"{synthetic.RETRIEVAL_SIZE} "
+          f"retrieval pictures with {synthetic.FULL_CAPTIONS} captions each), in the precision train.py scores a run "
+          f"in. Grown minus predecessor, the mean over the {k} sets (min-max), points:", ""]
+    for name, by_seed in spread.items():
+        md += [f"| {name}: seed | " + " | ".join(f"{b} - {a}: {label}" for a, b in zip(sizes, sizes[1:])
+                                                 for label in METRICS.values()) + " |",
+               "| --- |" + " ---: |" * (len(sizes) - 1) * len(METRICS)]
+        for s in seeds:
+            md.append(f"| {s} | " + " | ".join(f"{statistics.mean(d[m]):+.1f} ({min(d[m]):+.1f} to {max(d[m]):+.1f})"
+                                               for d in by_seed[s] for m in METRICS) + " |")
+        held = all(statistics.mean(d[m]) >= 0 for s in seeds for d in by_seed[s] for m in METRICS)
+        md += ["", f"{name}: every grown model at or above its predecessor on both metrics in every seed, on the "
+               f"mean of the {k} sets: **{'yes' if held else 'no'}**.", ""]
+    for m, label in METRICS.items():
+        sd = [statistics.stdev(d[m]) for by_seed in spread.values() for s in seeds for d in by_seed[s]]
+        md.append(f"One difference's standard deviation between evaluation sets, {label}: {statistics.mean(sd):.1f} "
+                  f"points (mean over the {len(sd)} differences; the largest {max(sd):.1f}).  ")
+    return md + [""]
+
+
 def main(argv=None):
     p = runtime.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
@@ -196,9 +222,10 @@ def main(argv=None):
     md += ["", f"Every grown model at or above its predecessor on both metrics in every seed: **{'yes' if holds else 'no'}**.",
            ""]
     if variants:
-        md += [f"The second stage's variants (`--variants`), each trained for {sizes[1]}'s steps (the same warmup) from "
-               f"the chain's trained {sizes[0]} unless its line says otherwise; their end minus that {sizes[0]}, "
-               "zero-shot top-1 / retrieval R@1 (points):", "", "| second stage | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
+        md += [f"The second stage's variants (`--variants`), each trained for {sizes[1]}'s steps (the same warmup) "
+               f"from the chain's trained {sizes[0]} unless its line says otherwise; their end minus that {sizes[0]}, "
+               "zero-shot top-1 / retrieval R@1 (points):", "",
+               "| second stage | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
                "| --- |" + " ---: |" * (len(seeds) + 1)]
         rows = {f"{sizes[1]}: the chain's (the default recipe)": {s: table[s][1] for s in seeds},
                 **{VARIANTS[tag][0]: by_seed for tag, by_seed in variants.items()}}
@@ -209,8 +236,9 @@ def main(argv=None):
                       " | " + " / ".join(f"{d:+.1f}" for d in means) + " |")
         md += ["", f"{len(CARRIED)} variants carried on: {sizes[2]} grown from the variant's {sizes[1]} with the same "
                f"rule ({sizes[2]}'s steps and warmup, or the variant's own). Each grown model minus its predecessor, "
-               "zero-shot top-1 / retrieval R@1 (points):", "", "| seed | " + " | ".join(f"{tag}: {b} - {a}" for tag in CARRIED for a, b in
-                                                              zip(sizes, sizes[1:])) + " |",
+               "zero-shot top-1 / retrieval R@1 (points):", "",
+               "| seed | " + " | ".join(f"{tag}: {b} - {a}" for tag in CARRIED for a, b in zip(sizes, sizes[1:]))
+               + " |",
                "| --- |" + " ---: |" * 2 * len(CARRIED)]
         steps = {tag: {s: [{m: variants[tag][s][m] - table[s][0][m] for m in METRICS},
                            {m: third[tag][s][m] - variants[tag][s][m] for m in METRICS}] for s in seeds}
@@ -230,46 +258,21 @@ def main(argv=None):
             chain = [{s: table[s][0] for s in seeds}, variants[tag], third[tag]]
             md.append(f"- {tag}: " + " -> ".join(
                 f"{size} " + " / ".join(f"{statistics.mean(by_seed[s][m] for s in seeds):.1f}" for m in METRICS)
-                for size, by_seed in zip(sizes, chain)) + f"; {speedup(report, manifest, VARIANTS[tag][5]):.2f}x cheaper than "
-                f"each size alone (the chain's ledger: {report['totals']['speedup']:.2f}x)")
+                for size, by_seed in zip(sizes, chain)) +
+                f"; {speedup(report, manifest, VARIANTS[tag][5]):.2f}x cheaper than each size alone (the chain's "
+                f"ledger: {report['totals']['speedup']:.2f}x)")
         md.append("")
     spread = resampled(args.runs, seeds, sizes, args.eval_sets, ("chain", "long") if args.variants else ("chain",)) \
         if args.eval_sets > 1 else {}
     if spread:
         md += resampled_lines(spread, seeds, sizes, args.eval_sets)
     os.makedirs(args.out, exist_ok=True)
-    runtime.save_json(dict(seeds=seeds, eval_sets=spread, wall_time_s={s: w for s, (_, w) in reports.items()}, metrics=table,
-                           gains=gains, holds=holds, variants=variants, third_stage=third,
+    runtime.save_json(dict(seeds=seeds, wall_time_s={s: w for s, (_, w) in reports.items()}, metrics=table,
+                           gains=gains, holds=holds, variants=variants, third_stage=third, eval_sets=spread,
                            reports={s: rep for s, (rep, _) in reports.items()}),
                       os.path.join(args.out, args.name + ".json"))
     runtime.save_text("\n".join(md), os.path.join(args.out, args.name + ".md"))
     print("\n".join(md))
-
-
-def resampled_lines(spread, seeds, sizes, k):
-    """The markdown of resampled(): per chain and seed, each difference's mean over the k sets (min-max), the verdict
-    on those means, and how far one difference moves between sets (its standard deviation over them)."""
-    md = [f"On {k} evaluation sets (`--eval-sets {k}`): every model of {' and '.join(spread)} scored on the synthetic "
-          f"set's evaluation sets drawn with eval seeds 0-{k - 1} (seed 0's is the one above; each as large: "
-          f"{synthetic.ZEROSHOT_PER_CLASS * len(synthetic.CLASSNAMES):,} zero-shot pictures, {synthetic.RETRIEVAL_SIZE} "
-          f"retrieval pictures with {synthetic.FULL_CAPTIONS} captions each), in the precision train.py scores a run in. "
-          f"Grown minus predecessor, the mean over "
-          f"the {k} sets (min-max), points:", ""]
-    for name, by_seed in spread.items():
-        md += [f"| {name}: seed | " + " | ".join(f"{b} - {a}: {label}" for a, b in zip(sizes, sizes[1:])
-                                                 for label in METRICS.values()) + " |",
-               "| --- |" + " ---: |" * (len(sizes) - 1) * len(METRICS)]
-        for s in seeds:
-            md.append(f"| {s} | " + " | ".join(f"{statistics.mean(d[m]):+.1f} ({min(d[m]):+.1f} to {max(d[m]):+.1f})"
-                                               for d in by_seed[s] for m in METRICS) + " |")
-        held = all(statistics.mean(d[m]) >= 0 for s in seeds for d in by_seed[s] for m in METRICS)
-        md += ["", f"{name}: every grown model at or above its predecessor on both metrics in every seed, on the "
-               f"mean of the {k} sets: **{'yes' if held else 'no'}**.", ""]
-    for m, label in METRICS.items():
-        sd = [statistics.stdev(d[m]) for by_seed in spread.values() for s in seeds for d in by_seed[s]]
-        md.append(f"One difference's standard deviation between evaluation sets, {label}: {statistics.mean(sd):.1f} "
-                  f"points (mean over the {len(sd)} differences; the largest {max(sd):.1f}).  ")
-    return md + [""]
 
 
 if __name__ == "__main__":
