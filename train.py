@@ -146,20 +146,9 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
             "teacher": teacher.cfg.to_dict() if teacher is not None else None})
     log = runtime.Log(out_dir, step, total_steps, enabled=rank == 0)  # metrics.jsonl and the console
     t_start = t_log = time.time()
-    step_log, eval_s = step, 0.0  # eval_s: seconds this process spends evaluating (the result's eval_s)
-
-    def evaluation(final=False):  # of the delivered model at this step; its metrics
-        nonlocal t_log, eval_s
-        t_eval = time.time()
-        metrics = evaluate_and_log(delivered, eval_sets, device, precision, log, step, step / steps_per_epoch,
-                                   ckpt_path, final)
-        spent = time.time() - t_eval
-        eval_s += spent
-        t_log += spent  # samples/s counts training only
-        return metrics
-
+    step_log, eval_s, eval_log = step, 0.0, 0.0  # eval_s: seconds spent evaluating; samples/s counts training only
     if settings.eval_steps and step == 0:  # where the run starts from (a grown model: its predecessor's function)
-        evaluation()
+        eval_s += evaluate_and_log(delivered, eval_sets, device, precision, log, step, steps_per_epoch, ckpt_path)[1]
     while step < total_steps:
         epoch, first = divmod(step, steps_per_epoch)
         for images, tokens in train_data.batches(epoch, first):
@@ -177,8 +166,9 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
             step += 1
             log.bar.update()
             if step % settings.log_every == 0 or step == total_steps:
-                speed = (step - step_log) * settings.batch_size * world_size / (time.time() - t_log)
-                t_log, step_log = time.time(), step
+                trained = time.time() - t_log - (eval_s - eval_log)  # since the last log, evaluations left out
+                speed = (step - step_log) * settings.batch_size * world_size / trained
+                t_log, step_log, eval_log = time.time(), step, eval_s
                 log.step(step, total_steps, step / steps_per_epoch, losses, lr, model.logit_scale.exp().item(), speed)
             if rank == 0 and ((settings.save_every and step % settings.save_every == 0) or step == total_steps):
                 interop.save_checkpoint(ckpt_path, step, model, optimizer, distill, scaler, asdict(settings),
@@ -186,20 +176,22 @@ def train(model, settings, out_dir, *, teacher=None, distill=None):
             if step == total_steps:
                 break
             if settings.eval_steps and step % settings.eval_steps == 0:
-                evaluation()
+                eval_s += evaluate_and_log(delivered, eval_sets, device, precision, log, step, steps_per_epoch,
+                                           ckpt_path)[1]
         if step < total_steps and settings.eval_every and (epoch + 1) % settings.eval_every == 0:
-            evaluation()
+            eval_s += evaluate_and_log(delivered, eval_sets, device, precision, log, step, steps_per_epoch,
+                                       ckpt_path)[1]
     log.bar.close()
     if average is not None:  # the trained model is the average (its checkpoint keeps both)
         model.load_state_dict(average.model.state_dict())
-    delivered = model  # now the average, if any: what evaluation() scores
     if rank == 0:  # the model as an open_clip local-dir, beside the checkpoint
         interop.export_open_clip(model, model.cfg, os.path.join(out_dir, "open_clip"))
     # after the writes: once train() returns, every rank can read them
-    metrics = evaluation(final=True)
+    metrics, spent = evaluate_and_log(model, eval_sets, device, precision, log, step, steps_per_epoch, ckpt_path,
+                                      final=True)
     skipped = sum(runtime.all_ranks(train_data.skipped), Counter())  # bad samples met, by kind, on all ranks
     return {"step": step, "num_samples": train_data.num_samples, "samples_seen": step * settings.batch_size * world_size,
-            "wall_time_s": wall_time + time.time() - t_start, "eval_s": eval_s, **losses, **metrics,
+            "wall_time_s": wall_time + time.time() - t_start, "eval_s": eval_s + spent, **losses, **metrics,
             "skipped": dict(skipped)}
 
 
@@ -278,11 +270,14 @@ def resume(path, model, optimizer, distill, settings, device, scaler, world_size
     return interop.restore_checkpoint(ckpt, model, optimizer, distill, scaler, device, average)
 
 
-def evaluate_and_log(model, eval_sets, device, precision, log, step, epoch, checkpoint, final=False):
-    """Rank 0 evaluates; the others wait for its metrics, which every rank returns. The final evaluation adds the
-    attribute probes of the synthetic set (probe_<attribute>: what the image tower knows). Any failure stops every
-    rank with one line (runtime.EvaluationFailed) that names `checkpoint`, the run's checkpoint path, from which the
-    same command resumes: a finished run is then evaluated again without training."""
+def evaluate_and_log(model, eval_sets, device, precision, log, step, steps_per_epoch, checkpoint, final=False):
+    """Rank 0 evaluates; the others wait for its metrics, which every rank returns with the seconds the evaluation
+    took (the result's eval_s; samples/s leaves them out). The final evaluation adds the attribute probes of the
+    synthetic set (probe_<attribute>: what the image tower knows). Any failure stops every rank with one line
+    (runtime.EvaluationFailed) that names `checkpoint`, the run's checkpoint path, from which the same command
+    resumes: a finished run is then evaluated again without training."""
+    t_eval = time.time()
+
     def measure():
         try:  # in the run's precision (bf16 on CUDA and bf16 CPUs), unlike evaluate.py's fp32 default: a picture or
             # two may differ from `python evaluate.py` on the same checkpoint (README, "Use it")
@@ -301,10 +296,10 @@ def evaluate_and_log(model, eval_sets, device, precision, log, step, epoch, chec
                 f"the last checkpoint is {checkpoint if os.path.exists(checkpoint) else 'none yet'}: fix the cause "
                 f"(or evaluate at the end only: --eval-every 0) and rerun the same command to resume")
         raise runtime.EvaluationFailed(f"the evaluation at step {step} failed ({metrics}); {kept}")
-    log({"step": step, "epoch": epoch, **metrics}, f"step {step} eval: " + (
+    log({"step": step, "epoch": step / steps_per_epoch, **metrics}, f"step {step} eval: " + (
         " ".join(f"{k} {'undefined' if v is None else f'{v:.4f}'}" for k, v in metrics.items())  # None: top-5 of 4
         or "no eval sets (see --zeroshot-data, --val-data)"))
-    return metrics
+    return metrics, time.time() - t_eval
 
 
 # -----------------------------------------------------------------------------
