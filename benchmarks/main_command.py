@@ -73,12 +73,17 @@ def variant(seed, runs, tag, third=False):
     stage, grown from that variant's second stage and distilled towards it; its final metrics."""
     _, size, grown, lr, ema, steps = VARIANTS[tag]
     m = runtime.load_json(os.path.join(runs, f"s{seed}", "manifest.json"), "chain manifest")
-    i, start = (2, os.path.join(runs, f"s{seed}-{tag}", interop.RUN_CHECKPOINT)) if third else \
+    i, start = (2, os.path.join(variant_dir(runs, seed, tag), interop.RUN_CHECKPOINT)) if third else \
         (1, os.path.join(runs, f"s{seed}", "1-" + m["sizes"][0], interop.RUN_CHECKPOINT))
     steps, warmup = (steps, recipe.official_warmup(steps, True, recipe.official_epochs(i + 1)[i])) if steps else \
         (m["steps"][i], m["warmup"][i])
-    return stage_run(os.path.join(runs, f"s{seed}-{tag}" + "-3" * third), m["sizes"][2 if third else size], start,
+    return stage_run(variant_dir(runs, seed, tag, third), m["sizes"][2 if third else size], start,
                      grown, steps, warmup, lr(m, i), ema(m, i), seed)
+
+
+def variant_dir(runs, seed, tag, third=False):
+    """Where a variant's second stage (or, third, its third) trains: beside the seed's chain."""
+    return os.path.join(runs, f"s{seed}-{tag}" + "-3" * third)
 
 
 def stage_run(out, size, start, grown, steps, warmup, lr, ema, seed):
@@ -143,7 +148,7 @@ def resampled(runs, seeds, sizes, k, names):
         for s in seeds:
             chain = os.path.join(runs, f"s{s}")
             folders = [os.path.join(chain, f"{i + 1}-{size}") for i, size in enumerate(sizes)] if name == "chain" else \
-                [os.path.join(chain, f"1-{sizes[0]}"), f"{chain}-{name}", f"{chain}-{name}-3"]
+                [os.path.join(chain, f"1-{sizes[0]}"), variant_dir(runs, s, name), variant_dir(runs, s, name, True)]
             scores = [on_eval_sets(f, k) for f in folders]
             out[name][s] = [{m: [b[j][m] - a[j][m] for j in range(k)] for m in METRICS}
                             for a, b in zip(scores, scores[1:])]
